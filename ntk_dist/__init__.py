@@ -1,0 +1,28 @@
+"""ntk_dist: empirical NTK / NNGP kernels of any JAX network at data-set scale.
+
+The public API mirrors neural-tangents: ``nt.empirical_ntk_fn`` becomes
+``ntk_dist.empirical_ntk_fn`` and ``nt.predict.gradient_descent_mse`` becomes
+``ntk_dist.predict.gradient_descent_mse``.
+"""
+
+from ntk_dist import predict
+from ntk_dist.empirical import (
+    NtkImplementation,
+    empirical_kernel_fn,
+    empirical_nngp_fn,
+    empirical_ntk_fn,
+    linearize,
+    taylor_expand,
+)
+
+__all__ = [
+    "NtkImplementation",
+    "empirical_kernel_fn",
+    "empirical_nngp_fn",
+    "empirical_ntk_fn",
+    "linearize",
+    "predict",
+    "taylor_expand",
+]
+
+__version__ = "0.1.0"
