@@ -1,8 +1,11 @@
-"""The ``ntk-dist`` command line: ``demo`` and ``bench``."""
+"""The ``ntk-dist`` command line: ``demo`` and ``bench KIND``."""
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+
+from ntk_dist.bench import KINDS as BENCH_KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,29 +20,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-test", type=int, default=300, help="test images (default 300)")
     demo.add_argument("--out", default="out", help="folder for the plot (default ./out)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_run_demo)
 
     bench = commands.add_parser("bench", help="benchmarks, reported as measured ratios")
     bench_kinds = bench.add_subparsers(dest="kind", required=True)
-    kernels = bench_kinds.add_parser(
-        "kernels", help="NTK implementations on neural-tangents' docs CNN and MLP"
-    )
-    kernels.add_argument("--n", type=int, default=32, help="examples N of the N x N kernel")
-    kernels.add_argument("--repeats", type=int, default=3)
-    kernels.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    for kind in BENCH_KINDS:
+        importlib.import_module(f"ntk_dist.bench.{kind}").register(bench_kinds)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from ntk_dist.demo import run_demo
+
+    run_demo(n_train=args.n_train, n_test=args.n_test, out_dir=args.out, seed=args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ntk-dist`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "demo":
-        from ntk_dist.demo import run_demo
-
-        run_demo(n_train=args.n_train, n_test=args.n_test, out_dir=args.out, seed=args.seed)
-    elif args.command == "bench" and args.kind == "kernels":
-        from ntk_dist.bench import run_kernels
-
-        run_kernels(n=args.n, repeats=args.repeats, json_path=args.json)
+    args.run(args)
     return 0
 
 

@@ -6,9 +6,8 @@ an MLP 3072-1024-1024-10, both on 32x32x3 inputs) for an N x N train-train
 kernel traced over the logits, and prints examples^2/s and auto / best.
 """
 
+import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import jax
 import numpy as np
 
 from ntk_dist import models
+from ntk_dist.bench import time_call
 from ntk_dist.empirical import NtkImplementation, choose_implementation, empirical_ntk_fn
 
 NETWORKS: dict[str, Callable] = {"docs CNN": models.docs_cnn, "docs MLP": models.docs_mlp}
@@ -24,17 +24,6 @@ IMPLEMENTATIONS = (
     NtkImplementation.NTK_VECTOR_PRODUCTS,
     NtkImplementation.AUTO,
 )
-
-
-def time_call(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up (compilation) run."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_kernels(n: int = 32, repeats: int = 3, seed: int = 0) -> list[dict]:
@@ -81,11 +70,21 @@ def format_kernels_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_kernels(n: int, repeats: int, json_path: str | None) -> list[dict]:
-    """CLI entry: run, print the table, optionally save JSON."""
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``ntk-dist bench kernels``."""
+    parser = subparsers.add_parser(
+        "kernels", help="NTK implementations on neural-tangents' docs CNN and MLP"
+    )
+    parser.add_argument("--n", type=int, default=32, help="examples N of the N x N kernel")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run, print the table, optionally save the rows as JSON."""
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
-    rows = bench_kernels(n=n, repeats=repeats)
+    rows = bench_kernels(n=args.n, repeats=args.repeats)
     print(format_kernels_table(rows))
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2))
-    return rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
