@@ -26,11 +26,34 @@ def contract(a: jax.Array, b: jax.Array, axes: KernelAxes) -> jax.Array:
     for the NNGP) are summed over.
     """
     extra = tuple(range(axes.ndim, a.ndim))
-    contracting = axes.trace + extra
-    dims = ((contracting, contracting), (axes.diagonal, axes.diagonal))
-    out = jnp.transpose(jax.lax.dot_general(a, b, dims), axes.layout_permutation())
+    out = _batched_gemm(a, b, axes.trace + extra, axes.diagonal)
+    out = jnp.transpose(out, axes.layout_permutation())
     size = axes.trace_size(a.shape)
     return out if size == 1 else out / size
+
+
+def _batched_gemm(
+    a: jax.Array, b: jax.Array, contracting: tuple[int, ...], batch: tuple[int, ...]
+) -> jax.Array:
+    """``dot_general`` of a and b over the same axes, as one batched matrix product.
+
+    Same result and axis order as ``lax.dot_general`` (batch, free of a, free of b), but
+    with every group of axes flattened first: XLA runs a (B, M, K) x (B, N, K) product as
+    a plain GEMM, while many separate contracting axes can fall back to slower loops.
+    """
+    free_a = [i for i in range(a.ndim) if i not in contracting and i not in batch]
+    free_b = [i for i in range(b.ndim) if i not in contracting and i not in batch]
+
+    def as_3d(x: jax.Array, free: list[int]) -> jax.Array:
+        groups = (batch, free, contracting)
+        sizes = [math.prod(x.shape[i] for i in group) for group in groups]
+        return jnp.transpose(x, (*batch, *free, *contracting)).reshape(sizes)
+
+    product = jax.lax.dot_general(as_3d(a, free_a), as_3d(b, free_b), (((2,), (2,)), ((0,), (0,))))
+    shape = (
+        [a.shape[i] for i in batch] + [a.shape[i] for i in free_a] + [b.shape[i] for i in free_b]
+    )
+    return product.reshape(shape)
 
 
 def _jacobian_fn(out_size: int, n_params: int) -> Any:
