@@ -2,7 +2,9 @@
 
 The public API mirrors neural-tangents: ``nt.empirical_ntk_fn`` becomes
 ``ntk_dist.empirical_ntk_fn`` and ``nt.predict.gradient_descent_mse`` becomes
-``ntk_dist.predict.gradient_descent_mse``.
+``ntk_dist.predict.gradient_descent_mse``. Kernels too large for one call go
+through ``compute_kernel`` tile by tile (``TilePlan``) on all local devices
+(``LocalExecutor``) into a resumable Zarr ``KernelStore``.
 """
 
 from ntk_dist import predict
@@ -14,9 +16,17 @@ from ntk_dist.empirical import (
     linearize,
     taylor_expand,
 )
+from ntk_dist.engine import compute_kernel
+from ntk_dist.executors import LocalExecutor
+from ntk_dist.store import KernelStore
+from ntk_dist.tiling import TilePlan
 
 __all__ = [
+    "KernelStore",
+    "LocalExecutor",
     "NtkImplementation",
+    "TilePlan",
+    "compute_kernel",
     "empirical_kernel_fn",
     "empirical_nngp_fn",
     "empirical_ntk_fn",

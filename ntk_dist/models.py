@@ -138,3 +138,12 @@ def docs_mlp(key: jax.Array, dtype: Any = jnp.float32) -> tuple[ApplyFn, PyTree]
 def docs_cnn(key: jax.Array, dtype: Any = jnp.float32) -> tuple[ApplyFn, PyTree]:
     """The CNN of those docs: three 3x3 convolutions with 32 channels, then dense 10."""
     return cnn(key, (32, 32, 3), (32, 32, 32), 10, dtype=dtype)
+
+
+def digits_cnn(seed: int = 0, dtype: Any = jnp.float32) -> tuple[ApplyFn, PyTree]:
+    """The demo's CNN for 8x8x1 digits: two 3x3 convolutions (32 channels, SAME), dense 10.
+
+    Takes no required argument, so ``ntk-dist kernel --model ntk_dist.models:digits_cnn``
+    can build it.
+    """
+    return cnn(jax.random.PRNGKey(seed), (8, 8, 1), (32, 32), 10, padding="SAME", dtype=dtype)

@@ -1,6 +1,8 @@
-"""The kernel benchmark runs and reports what the README table shows (no timing asserted)."""
+"""The benchmarks run and report what the README tables show (no timing asserted)."""
 
 import json
+
+import pytest
 
 from ntk_dist.cli import main
 
@@ -17,3 +19,27 @@ def test_bench_kernels_reports_every_implementation(tmp_path, capsys):
         assert row["auto_chose"] in {"JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS"}
     assert rows[1]["params"] == 3072 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
     assert "| docs MLP | 2 |" in capsys.readouterr().out
+
+
+def test_bench_tiles_reports_every_ratio(tmp_path, capsys):
+    path = tmp_path / "tiles.json"
+    argv = ["bench", "tiles", "--n", "8", "--blocks", "2", "--repeats", "1"]
+    assert main([*argv, "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert [r["measure"] for r in rows] == ["store ÷ one call"] * 4 + [
+        "symmetric ÷ rectangular",
+        "4 devices ÷ 1 device",
+    ]
+    for row in rows:
+        assert set(row) == {"measure", "setup", "seconds", "baseline_seconds", "ratio", "goal"}
+        assert row["seconds"] > 0 and row["baseline_seconds"] > 0
+        assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline_seconds"])
+    assert "2x2 tiles" in rows[2]["setup"] and "1 tile" in rows[0]["setup"]
+    assert rows[4]["goal"] == "~ 0.750 = (nb+1)/(2nb)"  # nb = 2 block rows
+    assert "4 simulated CPU devices" in rows[5]["setup"]  # this process has 1 device
+    assert "| symmetric ÷ rectangular | 8x8 NTK, 2 block rows" in capsys.readouterr().out
+
+
+def test_bench_tiles_explains_sizes_it_cannot_split():
+    with pytest.raises(ValueError, match="n=10 must be a multiple of blocks x 4 = 8"):
+        main(["bench", "tiles", "--n", "10", "--blocks", "2"])
