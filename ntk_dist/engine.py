@@ -350,6 +350,27 @@ def compute_kernel(
             )
     report.done = len(plan) - len(todo)
 
+    def entries(tile: Tile) -> int:
+        pairs = tile.shape[0] if plan.diagonal else tile.shape[0] * tile.shape[1]
+        return pairs * (2 if tile.mirrored else 1)
+
+    # Executors whose workers write the store themselves (Ray, multi-process) get
+    # the store; only completion comes back here. They raise NonFiniteTileError.
+    run_into_store = getattr(executor, "run_into_store", None)
+    if kernel_store is not None and run_into_store is not None:
+        run_into_store(
+            kernel_fn,
+            x1,
+            x2,
+            params,
+            todo,
+            kernel_store,
+            lambda tile: report.update(entries(tile)),
+            plan=plan,
+            **kwargs,
+        )
+        return kernel_store
+
     failed: list[NonFiniteTileError] = []
 
     def on_tile_done(tile: Tile, block: np.ndarray) -> None:
@@ -362,8 +383,7 @@ def compute_kernel(
         except NonFiniteTileError as e:
             failed.append(e)
             report.note(str(e))
-        pairs = tile.shape[0] if plan.diagonal else tile.shape[0] * tile.shape[1]
-        report.update(pairs * (2 if tile.mirrored else 1))
+        report.update(entries(tile))
 
     executor.run(kernel_fn, x1, x2, params, todo, on_tile_done, plan=plan, **kwargs)
     if failed:

@@ -50,6 +50,10 @@ class NonFiniteTileError(ValueError):
         super().__init__(message)
         self.tiles = list(tiles)
 
+    def __reduce__(self) -> tuple:
+        """Picklable, so that it crosses process boundaries (Ray workers) intact."""
+        return (type(self), (str(self), self.tiles))
+
 
 def _kvstore_spec(path: Any) -> dict[str, Any]:
     """A tensorstore kvstore spec (dict) for a local path, a kvstore URL or a spec."""
@@ -174,6 +178,10 @@ class KernelStore:
         try:
             array = ts.open(spec, create=True).result()
         except ValueError as e:
+            # Another process (a multi-host job) may have created the same store first.
+            raced = cls._read_meta(kv_spec)
+            if raced is not None and not _differences(raced, meta):
+                return cls.open(path)
             raise OSError(f"cannot create a kernel store at {where}: {e}") from e
         return cls(kv_spec, array, meta)
 
@@ -219,11 +227,12 @@ class KernelStore:
         kv.delete_range(ts.KvStore.KeyRange()).result()
 
     # ------------------------------------------------------------------ writing
-    def write_tile(self, tile: Tile, block: np.ndarray) -> None:
+    def write_tile(self, tile: Tile, block: np.ndarray, *, node: str | None = None) -> None:
         """Write one computed tile (and its mirror), then mark it complete.
 
         The block must have the tile's shape and be finite; otherwise nothing is
-        written. The ledger entry is written only after the data is durable.
+        written. The ledger entry is written only after the data is durable and
+        records ``node``, the host or worker that computed the tile, when given.
         """
         block = np.asarray(block)
         expected = self.tile_shape(tile)
@@ -243,6 +252,8 @@ class KernelStore:
             for f in futures:
                 f.result()
             entry = {"i": tile.i, "j": tile.j, "sha256": sums, "time": time.time()}
+            if node is not None:
+                entry["node"] = node
             self._ledger.write(_key(tile.i, tile.j), json.dumps(entry).encode()).result()
         except ValueError as e:
             raise OSError(
@@ -275,6 +286,11 @@ class KernelStore:
         return self._kv_spec["path"]
 
     @property
+    def kvstore_spec(self) -> dict[str, Any]:
+        """The tensorstore kvstore spec of the store's root (a copy), for siblings like factors."""
+        return dict(self._kv_spec)
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.metadata["shape"])
 
@@ -305,6 +321,10 @@ class KernelStore:
                 entry = json.loads(res.value)
                 out[(entry["i"], entry["j"])] = entry
         return out
+
+    def tile_records(self) -> dict[tuple[int, int], dict]:
+        """Ledger entries of completed tiles by (i, j): checksums, time, ``node`` if known."""
+        return self._ledger_entries()
 
     def completed_tiles(self) -> list[Tile]:
         """Tiles marked complete in the ledger, in plan order."""
@@ -390,6 +410,10 @@ class KernelStore:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self.to_numpy()
         return out if dtype is None else out.astype(dtype)
+
+    def __reduce__(self) -> tuple:
+        """Pickle as the kvstore location (workers of a cluster reopen the same store)."""
+        return (KernelStore.open, (self._kv_spec,))
 
     def __repr__(self) -> str:
         done = len(self.completed_tiles())

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from ntk_dist.tiling import Tile, TilePlan
 
-__all__ = ["Executor", "LocalExecutor"]
+__all__ = ["Executor", "LocalExecutor", "TileProgram"]
 
 _AXIS = "rows"
 
@@ -147,6 +147,19 @@ class LocalExecutor:
             fixed = sizes[0] - 8 * per_example - 16 * entry
         return max(fixed, 0.0), max(per_example, 0.0)
 
+    def prepare(
+        self,
+        kernel_fn: Callable,
+        x1: Any,
+        x2: Any,
+        params: Any,
+        *,
+        plan: TilePlan,
+        **kwargs: Any,
+    ) -> TileProgram:
+        """Compile once for ``plan``'s tiles and put the params on the devices once."""
+        return TileProgram(self, kernel_fn, x1, x2, params, plan, kwargs)
+
     def run(
         self,
         kernel_fn: Callable,
@@ -163,32 +176,67 @@ class LocalExecutor:
         tiles = list(tiles)
         if not tiles:
             return
-        x2 = x1 if x2 is None else x2
-        bm, bn = plan.block_shape
-        rows = self._padded_rows(bm)
-        diagonal = plan.diagonal
-        compiled = self._compile(kernel_fn, x1, x2, params, rows, bn, diagonal, kwargs)
-        params_dev = jax.device_put(params, self._sharding(P()))
-        row_sharding = self._sharding(P(_AXIS))
-        col_sharding = row_sharding if diagonal else self._sharding(P())
-
+        program = self.prepare(kernel_fn, x1, x2, params, plan=plan, **kwargs)
         writer = _Writer(on_tile_done)
         pending: tuple[Tile, jax.Array] | None = None
         try:
             for tile in tiles:
-                a = _read_rows(x1, tile.rows, rows)
-                b = _read_rows(x2, tile.rows if diagonal else tile.cols, rows if diagonal else bn)
-                out = compiled(
-                    jax.device_put(a, row_sharding), jax.device_put(b, col_sharding), params_dev
-                )
+                out = program.dispatch(tile)
                 if pending is not None:
-                    writer.put(pending[0], _crop(pending[1], pending[0], diagonal))
+                    writer.put(pending[0], program.fetch(*pending))
                 pending = (tile, out)
-            writer.put(pending[0], _crop(pending[1], pending[0], diagonal))
+            writer.put(pending[0], program.fetch(*pending))
         except BaseException:
             writer.close(reraise=False)
             raise
         writer.close()
+
+
+class TileProgram:
+    """One compiled program and device-resident params serving every tile of a plan.
+
+    ``dispatch(tile)`` reads and sends the tile's inputs and starts computing
+    (asynchronously); ``fetch(tile, out)`` waits and returns the cropped numpy
+    block; ``compute(tile)`` does both.
+    """
+
+    def __init__(
+        self,
+        executor: LocalExecutor,
+        kernel_fn: Callable,
+        x1: Any,
+        x2: Any,
+        params: Any,
+        plan: TilePlan,
+        kwargs: dict,
+    ):
+        self.x1 = x1
+        self.x2 = x1 if x2 is None else x2
+        self.diagonal = plan.diagonal
+        bm, self.cols = plan.block_shape
+        self.rows = executor._padded_rows(bm)
+        self.compiled = executor._compile(
+            kernel_fn, self.x1, self.x2, params, self.rows, self.cols, self.diagonal, kwargs
+        )
+        self.params = jax.device_put(params, executor._sharding(P()))
+        self.row_sharding = executor._sharding(P(_AXIS))
+        self.col_sharding = self.row_sharding if self.diagonal else executor._sharding(P())
+
+    def dispatch(self, tile: Tile) -> jax.Array:
+        a = _read_rows(self.x1, tile.rows, self.rows)
+        if self.diagonal:
+            b = _read_rows(self.x2, tile.rows, self.rows)
+        else:
+            b = _read_rows(self.x2, tile.cols, self.cols)
+        return self.compiled(
+            jax.device_put(a, self.row_sharding), jax.device_put(b, self.col_sharding), self.params
+        )
+
+    def fetch(self, tile: Tile, out: jax.Array) -> np.ndarray:
+        return _crop(out, tile, self.diagonal)
+
+    def compute(self, tile: Tile) -> np.ndarray:
+        return self.fetch(tile, self.dispatch(tile))
 
 
 def _dtype(x: Any) -> np.dtype:
