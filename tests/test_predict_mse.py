@@ -11,12 +11,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ntk_dist.predict.kernel_matrix import (
-    DenseKernelOperator,
-    OutputLayout,
-    make_2d,
-    unmake_2d,
-)
+from ntk_dist.linalg.operator import DenseKernelOperator, make_2d, unmake_2d
+from ntk_dist.predict.kernel_matrix import OutputLayout
 from ntk_dist.predict.learning_rate import max_learning_rate
 from ntk_dist.predict.mse import gradient_descent_mse
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import jax
 
 # Modules of this package that provide a ``bench`` sub-command, in the order shown by --help.
-KINDS = ("kernels",)
+KINDS = ("kernels", "tiles", "ray", "linalg")
 
 
 def time_call(fn: Callable[[], object], repeats: int) -> float:

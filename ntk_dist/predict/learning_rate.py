@@ -7,7 +7,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_dist.predict.kernel_matrix import KernelOperator, as_kernel_operator
+from ntk_dist.linalg.operator import KernelOperator
+from ntk_dist.predict.kernel_matrix import as_kernel_operator
 
 
 def largest_eigenvalue(op: KernelOperator, rtol: float = 1e-12) -> float:

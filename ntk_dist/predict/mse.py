@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ntk_dist.linalg.operator import KernelOperator
 from ntk_dist.predict.kernel_matrix import (
-    KernelOperator,
     OutputLayout,
     as_kernel_operator,
     check_kernel_shape,
@@ -54,11 +54,6 @@ def flow_factors(evals: jax.Array, tau: jax.Array) -> tuple[jax.Array, jax.Array
     nonzero = x != 0
     ratio = jnp.where(nonzero, expm1 / jnp.where(nonzero, x, 1), -1)
     return expm1, ratio * tau
-
-
-def apply_in_eigenbasis(evecs: jax.Array, weights: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``V diag(w) V^T rhs`` for weights ``(..., M)``, ``rhs (M, C)``; returns ``(..., M, C)``."""
-    return jnp.matmul(evecs, weights[..., :, None] * (evecs.T @ rhs))
 
 
 def _matmul_batched(op: KernelOperator, rhs: jax.Array) -> jax.Array:
@@ -122,7 +117,9 @@ def gradient_descent_mse(
 
     Same signature, units and outputs as ``neural_tangents.predict.gradient_descent_mse``.
     ``k_train_train`` is an array of layout ``(N, N, A, A, ...)`` (``trace_axes`` of
-    ``y_train`` removed) or a :class:`KernelOperator`. Returns
+    ``y_train`` removed), a :class:`~ntk_dist.store.KernelStore` (streamed; its
+    factorisations are stored beside it and reused by later calls) or a
+    :class:`KernelOperator`; ``k_test_train`` likewise. Returns
     ``predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)``; ``t`` may be
     ``None`` (infinite time), a scalar or an array, whose shape is prepended to the outputs.
     ``predict_fn.kernel_operator`` is the regularised train operator, whose eigh and Cholesky
@@ -163,13 +160,13 @@ def gradient_descent_mse(
         else:
             tau = jnp.asarray(t, dtype) * (learning_rate / n)
             r = -y_mat if fx_train_0 is None else layout.to_matrix(fx_train_0) - y_mat
-            evals, evecs = op.eigh()
-            expm1, expm1_over_lam = flow_factors(evals, tau)
+            eigen = op.eigh()
+            expm1, expm1_over_lam = flow_factors(eigen.values, tau)
             if fx_train_0 is not None:
-                dfx = apply_in_eigenbasis(evecs, expm1, r)
+                dfx = eigen.apply(expm1, r)
                 fx_train_t = fx_train_0 + layout.from_matrix(dfx, y_train.shape)
             if test is not None:
-                dfx = _matmul_batched(test.op, apply_in_eigenbasis(evecs, expm1_over_lam, r))
+                dfx = _matmul_batched(test.op, eigen.apply(expm1_over_lam, r))
                 fx_test_t = fx_test_0 + layout.from_matrix(dfx, test.y_shape)
 
         if test is None:

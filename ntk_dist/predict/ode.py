@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_dist.linalg.operator import KernelOperator
 from ntk_dist.predict.integrator import integrate, integrate_to_steady_state
-from ntk_dist.predict.kernel_matrix import KernelOperator, OutputLayout
+from ntk_dist.predict.kernel_matrix import OutputLayout
 from ntk_dist.predict.mse import KTestTrain, check_learning_rate, train_kernel_operator
 
 ArrayLike = Any
@@ -79,7 +80,9 @@ def gradient_descent(
 ) -> Callable[..., Any]:
     """Predict outputs of a linearised network trained by gradient flow on ``loss(fx, y)``.
 
-    Same signature, units and outputs as ``neural_tangents.predict.gradient_descent``; the
+    Same signature, units and outputs as ``neural_tangents.predict.gradient_descent``.
+    Kernels may be arrays, :class:`~ntk_dist.store.KernelStore` (each right-hand side
+    ``K g`` then streams the store's tiles) or :class:`KernelOperator`. The
     keyword-only ``rtol``/``atol`` (default: :func:`~ntk_dist.predict.integrator.
     default_tolerances` of the kernel dtype) and ``max_steps`` tune the integrator. Returns
     ``predict_fn(t=None, fx_train_or_state_0=0., fx_test_0=None, k_test_train=None)``:

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ntk_dist.predict.kernel_matrix import DenseKernelOperator, KernelOperator, OutputLayout
+from ntk_dist.linalg.operator import DenseKernelOperator, KernelOperator
+from ntk_dist.predict.kernel_matrix import OutputLayout
 from ntk_dist.predict.mse import (
-    apply_in_eigenbasis,
     check_learning_rate,
     flow_factors,
     regularize,
@@ -99,9 +99,10 @@ def gradient_descent_mse_params(
         if t is None:
             coef = -op.solve(r)
         else:
-            evals, evecs = op.eigh()
-            _, expm1_over_lam = flow_factors(evals, jnp.asarray(t, dtype) * (learning_rate / n))
-            coef = apply_in_eigenbasis(evecs, expm1_over_lam, r)
+            eigen = op.eigh()
+            tau = jnp.asarray(t, dtype) * (learning_rate / n)
+            _, expm1_over_lam = flow_factors(eigen.values, tau)
+            coef = eigen.apply(expm1_over_lam, r)
         lead = coef.shape[:-2]
         cotangents = coef.reshape((-1,) + y_train.shape).astype(fx_train_0.dtype)
         (dparams,) = vjp_many(cotangents)
