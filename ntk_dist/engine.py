@@ -20,12 +20,12 @@ import jax
 import numpy as np
 
 from ntk_dist.executors import Executor, LocalExecutor
+from ntk_dist.executors.local import default_memory_budget
 from ntk_dist.store import KernelStore, NonFiniteTileError, check_finite
 from ntk_dist.tiling import Tile, TilePlan
 
 __all__ = ["KernelLayout", "compute_kernel", "fingerprint", "kernel_layout"]
 
-_DEFAULT_BUDGET = 1 << 30
 _HASH_ROWS = 4096
 
 
@@ -179,7 +179,7 @@ def _plan(
     return TilePlan.from_budget(
         n1,
         n2,
-        memory_budget=memory_budget or _default_budget(),
+        memory_budget=memory_budget or default_memory_budget(),
         per_example_bytes=per_example,
         entry_bytes=entry,
         fixed_bytes=fixed,
@@ -187,12 +187,6 @@ def _plan(
         symmetric=symmetric,
         diagonal=layout.batch_diagonal,
     )
-
-
-def _default_budget() -> int:
-    """Half of the first local device's memory when known, else 1 GiB."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return int(stats["bytes_limit"]) // 2 if "bytes_limit" in stats else _DEFAULT_BUDGET
 
 
 class _Progress:
@@ -265,7 +259,8 @@ def compute_kernel(
       block_size: rows (and columns) of a tile, or ``(rows, cols)``. Default:
         the store's block shape when resuming, else chosen from ``memory_budget``
         (bytes per device; default half the device memory or 1 GiB).
-      executor: where tiles are computed; default ``LocalExecutor()``.
+      executor: where tiles are computed; default ``LocalExecutor(memory_budget=...)``,
+        which reuses per-block Jacobians across tiles within the budget.
       overwrite: replace a store that holds a different kernel.
       model_name: goes into the inputs' fingerprint (tell models apart whose
         params happen to be equal).
@@ -278,7 +273,7 @@ def compute_kernel(
       NonFiniteTileError: some tiles had NaN/Inf; they are listed and were not
         written (all other tiles were).
     """
-    executor = LocalExecutor() if executor is None else executor
+    executor = LocalExecutor(memory_budget=memory_budget) if executor is None else executor
     layout = kernel_layout(kernel_fn, x1, x2, params, **kwargs)
     symmetric = x2 is None and not layout.batch_diagonal
     n1 = x1.shape[0]

@@ -9,10 +9,10 @@ are given explicitly or chosen from a per-device memory budget. No JAX here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["Tile", "TilePlan"]
+__all__ = ["Tile", "TilePlan", "panel_order"]
 
 
 @dataclass(frozen=True, order=True)
@@ -194,6 +194,21 @@ class TilePlan:
     def kernel_shape(self) -> tuple[int, ...]:
         """Leading shape of the whole kernel: (n1, n2), or (n,) if diagonal."""
         return (self.n1,) if self.diagonal else (self.n1, self.n2)
+
+
+def panel_order(tiles: Iterable[Tile]) -> list[Tile]:
+    """Tiles grouped in row panels (ascending i), columns alternating direction per panel.
+
+    Each row block is then needed in one stretch, and the column blocks last used by
+    one panel are the first the next panel needs (what a small cache of them keeps).
+    """
+    panels: dict[int, list[Tile]] = {}
+    for t in tiles:
+        panels.setdefault(t.i, []).append(t)
+    out: list[Tile] = []
+    for k, i in enumerate(sorted(panels)):
+        out += sorted(panels[i], key=lambda t: t.j, reverse=k % 2 == 1)
+    return out
 
 
 def _largest(fits, upper: int) -> int:

@@ -48,8 +48,10 @@ def test_tiled_kernels_equal_one_call_on_four_devices(tmp_path):
         assert res["dtype"] == "float64"
         for key in ("err_memory", "err_store", "err_zarr"):
             assert res[key] < 1e-10, (case, key, res[key])
-        # one compilation per call for every tile, ragged ones included
-        assert res["compilations"] == 2, case
+        # per call, one program for every tile, ragged ones included; implementation 1
+        # (features) runs symmetric plans as one features program and one contraction
+        per_run = 2 if case.get("empirical") == 1 else 1
+        assert res["compilations"] == 2 * per_run, case
         assert res["tiles"] == 2 * res["n_plan"], case
 
 
@@ -78,7 +80,11 @@ def test_resume_after_sigkill_computes_only_missing_tiles(tmp_path):
     )
     ledger = tmp_path / "k.zarr" / "ntk_dist_tiles"
     deadline = time.time() + 60
-    while time.time() < deadline and not (ledger.exists() and len(os.listdir(ledger)) >= 5):
+
+    def finished() -> int:  # ledger entries, not the writer's temporary files
+        return sum(name.endswith(".json") for name in os.listdir(ledger)) if ledger.exists() else 0
+
+    while time.time() < deadline and finished() < 5:
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.wait()

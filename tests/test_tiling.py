@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ntk_dist.tiling import Tile, TilePlan
+from ntk_dist.tiling import Tile, TilePlan, panel_order
 
 
 def coverage(plan: TilePlan) -> np.ndarray:
@@ -133,3 +133,16 @@ def test_budget_diagonal_plan_and_huge_budget_is_one_tile():
 def test_too_small_budget_says_what_is_needed():
     with pytest.raises(ValueError, match="too small"):
         TilePlan.from_budget(10, 10, memory_budget=100, per_example_bytes=1000.0, entry_bytes=8)
+
+
+def test_panel_order_groups_rows_and_snakes_columns():
+    plan = TilePlan(7, 7, (2, 2), symmetric=True)
+    order = [(t.i, t.j) for t in panel_order(reversed(plan.tiles()))]
+    assert order == [
+        (0, 0), (0, 1), (0, 2), (0, 3),
+        (1, 3), (1, 2), (1, 1),
+        (2, 2), (2, 3),
+        (3, 3),
+    ]  # fmt: skip
+    missing = [plan.tile(0, 2), plan.tile(2, 3), plan.tile(1, 1)]
+    assert [(t.i, t.j) for t in panel_order(missing)] == [(0, 2), (1, 1), (2, 3)]

@@ -9,6 +9,9 @@ an N x N NTK traced over the logits, JACOBIAN_CONTRACTION:
   first run (compilation included) and with its precompiled runs.
 - **symmetric ÷ rectangular**: ``x2=None`` (upper triangle of blocks) against
   ``x2`` a copy of x1 (every block), both into stores; ideal (nb + 1) / (2 nb).
+- **Jacobian evaluations ÷ N**: how often the executor computed each example's
+  Jacobian for row and for column blocks (1 each when every block's Jacobians
+  are computed once and reused across its tiles, see ``LocalExecutor``).
 - **devices**: the rectangular store job on 4 devices ÷ on 1. Without 4 local
   devices this runs in a subprocess on 4 simulated CPU devices
   (``XLA_FLAGS=--xla_force_host_platform_device_count=4``), which share the
@@ -186,6 +189,40 @@ def bench_tiles(n: int = 256, blocks: int = 4, repeats: int = 3, seed: int = 0) 
     return rows
 
 
+def reuse_factors(n: int = 256, blocks: int = 4, seed: int = 0) -> list[dict]:
+    """Jacobian evaluations ÷ N of one in-memory ``compute_kernel`` per tiling (fields:
+    setup, mode, rows, cols, total)."""
+    ntk_fn, x1, x2, params = _setup(n, seed)
+    out = []
+    for setup, other, block in (
+        ("1 tile", x2, n),
+        (f"{blocks}x{blocks} tiles", x2, n // blocks),
+        (f"{blocks} block rows, symmetric", None, n // blocks),
+    ):
+        executor = LocalExecutor()
+        compute_kernel(
+            ntk_fn, x1, other, params, block_size=block, executor=executor, progress=False
+        )
+        r = executor.reuse
+        out.append(
+            {"setup": setup, "mode": r.mode, "rows": r.rows, "cols": r.cols, "total": r.total}
+        )
+    return out
+
+
+def format_reuse_table(rows: list[dict]) -> str:
+    """A Markdown table of :func:`reuse_factors` rows."""
+    lines = [
+        "| Jacobian evaluations ÷ N | mode | rows | columns | all ÷ distinct examples |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['setup']} | {r['mode']} | {r['rows']:.2f} | {r['cols']:.2f} | {r['total']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _row(measure: str, setup: str, seconds: float, baseline: float, goal: str) -> dict:
     return {
         "measure": measure,
@@ -231,6 +268,8 @@ def run(args: argparse.Namespace) -> None:
     )
     rows = bench_tiles(n=args.n, blocks=args.blocks, repeats=args.repeats)
     print(format_tiles_table(rows))
+    print()
+    print(format_reuse_table(reuse_factors(n=args.n, blocks=args.blocks)))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

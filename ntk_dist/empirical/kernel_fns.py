@@ -19,6 +19,7 @@ from ntk_dist.empirical import jacobian_contraction, ntk_vector_products
 from ntk_dist.empirical.axes import Axes
 from ntk_dist.empirical.batching import canonicalize_vmap_axes
 from ntk_dist.empirical.cost_model import estimate_problem
+from ntk_dist.empirical.features import contract_features_fn, nngp_features, ntk_features
 from ntk_dist.empirical.implementation import NtkImplementation, canonicalize_implementation
 from ntk_dist.empirical.problem import make_problem
 
@@ -52,7 +53,11 @@ def _describe(
     diagonal_axes: Axes,
     implementation: NtkImplementation | None,
 ) -> Callable[..., Any]:
-    """Attach what the kernel is, so tilers and stores need not guess it from shapes."""
+    """Attach what the kernel is, so tilers and stores need not guess it from shapes.
+
+    Kernels with per-block features (implementation 1, the NNGP) also carry
+    ``.features(x, params, **kwargs)`` and ``.contract_features(features1, features2)``.
+    """
     fn.kind = kind
     fn.trace_axes = trace_axes
     fn.diagonal_axes = diagonal_axes
@@ -90,6 +95,9 @@ def empirical_ntk_fn(
         kernels = _IMPLEMENTATIONS[chosen](problem)
         return jax.tree.unflatten(problem.out_tree, kernels)
 
+    if impl == NtkImplementation.JACOBIAN_CONTRACTION:
+        ntk_fn.features = ntk_features(f, trace_axes, diagonal_axes, vmap)
+        ntk_fn.contract_features = contract_features_fn(trace_axes, diagonal_axes)
     return _describe(ntk_fn, "ntk", trace_axes, diagonal_axes, impl)
 
 
@@ -111,6 +119,8 @@ def empirical_nngp_fn(
         ]
         return jax.tree.unflatten(problem.out_tree, kernels)
 
+    nngp_fn.features = nngp_features(f, trace_axes, diagonal_axes)
+    nngp_fn.contract_features = contract_features_fn(trace_axes, diagonal_axes)
     return _describe(nngp_fn, "nngp", trace_axes, diagonal_axes, None)
 
 

@@ -6,7 +6,8 @@ An executor has one method that matters::
 
 It computes ``kernel_fn(x1[tile.rows], x2[tile.cols], params, **kwargs)`` for
 every tile (``x2`` None means x1; a diagonal plan pairs ``x2[tile.rows]``) and
-calls ``on_tile_done(tile, block)`` with the cropped numpy block, in tile order.
+calls ``on_tile_done(tile, block)`` with the cropped numpy block, in whatever order
+it finishes them (the engine does not depend on the order).
 
 Executors whose workers write a store themselves (Ray workers on many hosts,
 the processes of a ``jax.distributed`` job) also have::
