@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from linalg_helpers import ill_conditioned, ntk_train, rel, store_kernel, to_2d
 
-from ntk_dist.linalg import OutOfCoreEighNotImplemented, StoredKernelOperator
+from ntk_dist.linalg import StoredKernelOperator
 from ntk_dist.linalg.eigh import StoredEigendecomposition
 from ntk_dist.store import KernelStore
 
@@ -36,8 +36,8 @@ def test_stored_eigh_matches_lapack_and_is_reused(tmp_path, name):
     assert rel(stored.apply(weights[0], rhs), rhs) <= 1e-12  # V V^T = I
 
 
-def test_eigh_beyond_the_memory_bound_is_refused_clearly(tmp_path):
+def test_eigh_below_one_panel_of_memory_is_refused_clearly(tmp_path):
     store = store_kernel(tmp_path / "k", ill_conditioned(40), block=8)
-    op = StoredKernelOperator(store, memory_bound=40 * 40 * 8)
-    with pytest.raises(OutOfCoreEighNotImplemented, match="out-of-core eigh is not implemented"):
+    op = StoredKernelOperator(store, memory_bound=40 * 8)
+    with pytest.raises(ValueError, match="memory_bound=320 bytes is too small"):
         op.eigh()

@@ -6,7 +6,6 @@ implementation (:class:`DenseKernelOperator`) and one streaming a
 resumable Cholesky and eigendecomposition are stored next to the kernel.
 """
 
-from ntk_dist.linalg.eigh import OutOfCoreEighNotImplemented
 from ntk_dist.linalg.operator import (
     CholeskyFactor,
     DenseKernelOperator,
@@ -16,6 +15,7 @@ from ntk_dist.linalg.operator import (
     make_2d,
     unmake_2d,
 )
+from ntk_dist.linalg.qdwh import SplitFailedError
 from ntk_dist.linalg.stored import StoredKernelOperator
 
 __all__ = [
@@ -24,7 +24,7 @@ __all__ = [
     "Eigendecomposition",
     "KernelOperator",
     "NotPositiveDefiniteError",
-    "OutOfCoreEighNotImplemented",
+    "SplitFailedError",
     "StoredKernelOperator",
     "make_2d",
     "unmake_2d",

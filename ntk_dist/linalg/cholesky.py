@@ -1,25 +1,31 @@
 """Cholesky factorisation of a kernel that may not fit in memory, stored tile by tile.
 
-``K = L L^T`` is computed in core (LAPACK through JAX) when ``IN_CORE_COPIES`` copies
-of ``K`` fit the memory bound; otherwise by a left-looking tiled algorithm over
-``b x b`` tiles. For each block column ``j``::
+``K = L L^T`` is computed in core (LAPACK) when ``IN_CORE_COPIES`` copies of ``K`` fit
+the memory bound; otherwise by a left-looking algorithm over panels of block columns
+(``b x b`` tiles; the store's chunks and the ledger's unit). For a panel ``J`` of
+columns starting at row ``j0``::
 
-    A_ij = K_ij - sum_{k<j} L_ik L_jk^T     (gemm; syrk for i == j)    i >= j
-    L_jj = chol(A_jj)                        (potrf)
-    L_ij = A_ij L_jj^{-T}                    (trsm)                     i > j
+    A_:J = K_:J - sum_{K < j0} L_:K L_JK^T    (one gemm per strip of earlier columns)
+    L_JJ = chol(A_JJ)                          (potrf)
+    L_IJ = A_IJ L_JJ^{-T}                      (trsm)                  I below J
 
-The column panel ``A_:j`` and the row ``L_j:`` stay resident (``PANELS`` panels of
-``N x b`` entries bound the working set); the earlier factor tiles ``L_ik`` are read
-back from the store one at a time. Tiles of a column are spread round-robin over the
-given devices as jitted kernels, so JAX runs them concurrently. Every finished tile is
-recorded in the factor's ledger; a killed factorisation resumes at the first
-unfinished block column.
+A panel holds as many block columns as fit a quarter of the bound (it widens as the
+rows left shrink); the panel just factored stays resident as the first strip of the
+next one (its tiles are written meanwhile), and earlier columns are read back in wide
+strips of an eighth of the bound each, the next one read by a reader thread while the
+current one is multiplied.
+The arithmetic is host BLAS/LAPACK in place (the data lives on the host out of core;
+XLA's CPU potrf is ~1.7x slower than LAPACK and every new panel shape would cost a
+compile). Every finished tile is recorded in the factor's ledger; a killed
+factorisation resumes at the first unfinished block column.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -35,16 +41,30 @@ __all__ = [
     "StoredCholeskyFactor",
     "cholesky_in_core",
     "cholesky_tile_size",
+    "first_unfinished",
     "is_complete",
+    "potrf",
+    "tile_key",
     "tiled_cholesky",
     "write_factor",
 ]
 
-IN_CORE_COPIES = 3  # K, L and JAX's symmetrised copy
-PANELS = 4  # column panel, factor row, one device copy of each
+IN_CORE_COPIES = 3  # K, L and one working copy
+PANELS = 4  # a panel takes a quarter of the bound (the previous one another, strips the rest)
+STRIPS = 8  # each of the two strips in flight takes an eighth of the bound
 
 RegionReader = Callable[[slice, slice], np.ndarray]
 Progress = Callable[[int, int], None]
+
+
+class TileStore(Protocol):
+    """What :func:`tiled_cholesky` writes the factor to (a ``FactorStore`` or a scratch)."""
+
+    def done(self) -> set[str]: ...
+
+    def write(self, key: str, index: tuple[slice, ...], data: np.ndarray) -> None: ...
+
+    def read(self, index: tuple[slice, ...]) -> np.ndarray: ...
 
 
 def cholesky_tile_size(n: int, itemsize: int, memory_bound: int) -> int:
@@ -59,76 +79,124 @@ def cholesky_tile_size(n: int, itemsize: int, memory_bound: int) -> int:
     return min(n, int(b))
 
 
-def cholesky_in_core(matrix: np.ndarray) -> jax.Array:
-    """Lower Cholesky factor of ``matrix`` by LAPACK; NotPositiveDefiniteError names the pivot."""
-    lower = jnp.linalg.cholesky(jnp.asarray(matrix))
-    if not bool(jnp.all(jnp.isfinite(lower))):
-        pivot = failing_pivot(np.asarray(matrix))
-        raise NotPositiveDefiniteError(-1 if pivot is None else pivot, matrix.shape)
+def potrf(a: np.ndarray, offset: int, n: int) -> np.ndarray:
+    """Lower factor of ``a`` (rows ``offset`` on of an ``n x n`` kernel) or the failing pivot."""
+    try:
+        lower = scipy.linalg.cholesky(a, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        lower = None
+    if lower is None or not np.all(np.isfinite(lower)):
+        pivot = failing_pivot(a)
+        raise NotPositiveDefiniteError(-1 if pivot is None else offset + pivot, (n, n))
     return lower
 
 
-@jax.jit
-def _update(acc: jax.Array, lik: jax.Array, ljk: jax.Array) -> jax.Array:
-    return acc - lik @ ljk.T
+def cholesky_in_core(matrix: np.ndarray) -> jax.Array:
+    """Lower Cholesky factor of ``matrix`` by LAPACK; NotPositiveDefiniteError names the pivot."""
+    a = np.asarray(matrix)
+    return jnp.asarray(potrf(a, 0, a.shape[0]))
 
 
-@jax.jit
-def _potrf(a: jax.Array) -> jax.Array:
-    return jnp.linalg.cholesky(a)
-
-
-@jax.jit
-def _trsm(ljj: jax.Array, a: jax.Array) -> jax.Array:
-    return jax.scipy.linalg.solve_triangular(ljj, a.T, lower=True).T
-
-
-def _key(i: int, j: int) -> str:
+def tile_key(i: int, j: int) -> str:
+    """The ledger key of factor tile ``(i, j)``."""
     return f"{i}_{j}"
+
+
+def first_unfinished(factor: TileStore, nb: int) -> int:
+    """The first of ``nb`` block columns with a tile missing from ``factor``'s ledger."""
+    done = factor.done()
+    return next((j for j in range(nb) if any(tile_key(i, j) not in done for i in range(j, nb))), nb)
+
+
+def _subtract_product(panel: np.ndarray, strip: np.ndarray, width: int) -> None:
+    """In place ``panel -= strip @ strip[:width].T`` (BLAS gemm on the transposes, no copy)."""
+    (gemm,) = scipy.linalg.get_blas_funcs(("gemm",), (panel,))
+    gemm(-1.0, strip[:width].T, strip.T, beta=1.0, c=panel.T, trans_a=1, overwrite_c=1)
+
+
+def _solve_below(panel: np.ndarray, lower: np.ndarray) -> None:
+    """In place ``panel[w:] <- panel[w:] L^{-T}`` for the ``w x w`` lower factor ``L``."""
+    w = lower.shape[0]
+    (trsm,) = scipy.linalg.get_blas_funcs(("trsm",), (panel,))
+    trsm(1.0, lower, panel[w:].T, side=0, lower=1, trans_a=0, overwrite_b=1)
+
+
+def _strips(start: int, stop: int, width: int) -> Iterator[slice]:
+    for k in range(start, stop, width):
+        yield slice(k, min(stop, k + width))
 
 
 def tiled_cholesky(
     read: RegionReader,
     n: int,
-    factor: FactorStore,
+    factor: TileStore,
     tile: int,
     devices: Sequence[jax.Device] | None = None,
     progress: Progress | None = None,
+    memory_bound: int | None = None,
 ) -> int:
     """Write the lower factor of the ``n x n`` matrix given by ``read`` into ``factor``.
 
-    ``read(rows, cols)`` returns a region of ``K`` in the compute dtype. Block columns
-    already in ``factor``'s ledger are skipped. Returns the number of block columns
-    computed by this call. ``progress(done, total)`` is called after each column.
+    ``read(rows, cols)`` returns a region of ``K`` in the compute dtype. The work
+    starts at the first block column missing from ``factor``'s ledger. ``memory_bound``
+    (bytes; default: the bound that gives ``tile`` by :func:`cholesky_tile_size`) sizes
+    panels and strips. ``devices`` is accepted for the operator interface: the kernels
+    run on the host's BLAS, which uses every core. Returns the number of block columns
+    computed by this call; ``progress(done, total)`` is called after each column.
     """
-    devices = list(devices or jax.local_devices())
+    del devices
     nb = math.ceil(n / tile)
     span = [slice(i * tile, min(n, (i + 1) * tile)) for i in range(nb)]
-    done = factor.done()
-    computed = 0
-    for j in range(nb):
-        if all(_key(i, j) in done for i in range(j, nb)):
-            continue
-        place = {i: devices[i % len(devices)] for i in range(j, nb)}
-        acc = {i: jax.device_put(read(span[i], span[j]), place[i]) for i in range(j, nb)}
-        for k in range(j):
-            ljk = factor.read((span[j], span[k]))
-            on = {d: jax.device_put(ljk, d) for d in set(place.values())}
-            for i in range(j, nb):
-                lik = ljk if i == j else factor.read((span[i], span[k]))
-                acc[i] = _update(acc[i], jax.device_put(lik, place[i]), on[place[i]])
-        ljj = _potrf(acc[j])
-        if not bool(jnp.all(jnp.isfinite(ljj))):
-            local = failing_pivot(np.asarray(acc[j]))
-            raise NotPositiveDefiniteError(span[j].start + (local or 0), (n, n))
-        ljj_on = {d: jax.device_put(ljj, d) for d in set(place.values())}
-        lower = {j: ljj} | {i: _trsm(ljj_on[place[i]], acc[i]) for i in range(j + 1, nb)}
-        for i in range(j, nb):
-            factor.write(_key(i, j), (span[i], span[j]), np.asarray(lower[i]))
-        computed += 1
-        if progress is not None:
-            progress(j + 1, nb)
-    return computed
+    first = first_unfinished(factor, nb)
+    previous: tuple[np.ndarray, int] | None = None  # (rows below it, first column)
+    writing: list[tuple[int, list[Future]]] = []  # the previous panel's columns being written
+    itemsize = read(slice(0, 1), slice(0, 1)).dtype.itemsize
+    bound = memory_bound or PANELS * n * itemsize * tile
+
+    def finish_writes() -> None:
+        for c, writes in writing:
+            for write in writes:
+                write.result()
+            if progress is not None:
+                progress(c + 1, nb)
+        writing.clear()
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(4) as writer:
+        j = first
+        while j < nb:
+            j0 = span[j].start
+            cols = max(1, min(nb - j, bound // (PANELS * (n - j0) * itemsize * tile)))
+            panel = np.ascontiguousarray(read(slice(j0, n), slice(j0, span[j + cols - 1].stop)))
+            width = panel.shape[1]
+            stored_to = j0
+            if previous is not None:  # rows j0: of the columns p0:j0, still in memory
+                strip, stored_to = previous
+                _subtract_product(panel, strip, width)
+            finish_writes()  # the earlier columns are durable before they are read back
+            strip_cols = max(1, bound // (STRIPS * (n - j0) * itemsize))
+            pending: Future | None = None
+            for ks in _strips(0, stored_to, strip_cols):
+                future = reader.submit(factor.read, (slice(j0, n), ks))
+                if pending is not None:
+                    _subtract_product(panel, pending.result(), width)
+                pending = future
+            if pending is not None:
+                _subtract_product(panel, pending.result(), width)
+            panel[:width] = potrf(panel[:width], j0, n)
+            _solve_below(panel, panel[:width])
+            for c in range(j, j + cols):
+                local = slice(span[c].start - j0, span[c].stop - j0)
+                rows = [slice(span[i].start - j0, span[i].stop - j0) for i in range(c, nb)]
+                keys = [(tile_key(i, c), (span[i], span[c])) for i in range(c, nb)]
+                writes = [
+                    writer.submit(factor.write, key, index, panel[r, local])
+                    for (key, index), r in zip(keys, rows, strict=True)
+                ]
+                writing.append((c, writes))
+            previous = (panel[width:], j0)
+            j += cols
+        finish_writes()
+    return nb - first
 
 
 def write_factor(factor: FactorStore, lower: np.ndarray, tile: int) -> None:
@@ -136,16 +204,21 @@ def write_factor(factor: FactorStore, lower: np.ndarray, tile: int) -> None:
     n = lower.shape[0]
     nb = math.ceil(n / tile)
     span = [slice(i * tile, min(n, (i + 1) * tile)) for i in range(nb)]
-    for j in range(nb):
-        for i in range(j, nb):
-            factor.write(_key(i, j), (span[i], span[j]), lower[span[i], span[j]])
+    with ThreadPoolExecutor(4) as writer:  # tensorstore writes release the GIL
+        writes = [
+            writer.submit(factor.write, tile_key(i, j), (span[i], span[j]), lower[span[i], span[j]])
+            for j in range(nb)
+            for i in range(j, nb)
+        ]
+        for write in writes:
+            write.result()
 
 
 def is_complete(factor: FactorStore, n: int, tile: int) -> bool:
     """Whether every lower tile of the factor is in its ledger."""
     nb = math.ceil(n / tile)
     done = factor.done()
-    return all(_key(i, j) in done for j in range(nb) for i in range(j, nb))
+    return all(tile_key(i, j) in done for j in range(nb) for i in range(j, nb))
 
 
 class StoredCholeskyFactor(CholeskyFactor):

@@ -7,57 +7,65 @@ eigenvalues (``values``, shape ``(N,)``) and eigenvectors (``vectors``, ``N x N`
 Later runs read them back; :class:`StoredEigendecomposition` applies
 ``V diag(w) V^T`` streaming row panels of ``V``.
 
-Not yet implemented: the out-of-core (distributed) eigh for kernels no single worker
-holds. The plan, built from the tiled operations of :mod:`ntk_dist.linalg.cholesky`:
-spectral divide-and-conquer (Nakatsukasa & Higham 2013). Shift by a median estimate
-``σ`` of the spectrum, compute the polar factor ``U_p`` of ``K - σ I`` by QDWH (a few
-Cholesky-based iterations ``X <- a X + b (X - c X (I + c X^T X)^{-1})``, each a tiled
-``syrk``, tiled Cholesky and two tiled triangular solves), form the spectral projector
-``P = (U_p + I) / 2``, get an orthonormal basis of its range by a tiled (subspace
-iteration / randomised range finder + tiled QR) step, split ``K`` into the two
-diagonal blocks ``Q_1^T K Q_1`` and ``Q_2^T K Q_2`` (tiled gemms), and recurse until a
-block fits the in-core path; eigenvectors are the products of the ``Q`` factors,
-accumulated tile by tile into the stored ``vectors``. Until then a kernel too large
-for the bound raises :class:`OutOfCoreEighNotImplemented` with what to do.
+Out of core (``IN_CORE_COPIES`` copies do not fit the bound): spectral divide and
+conquer with tiled QDWH polar decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch
+tiles of the tiled Cholesky's size; the eigenvectors are written block row by block row
+into the same stored layout, so later runs cannot tell the two paths apart.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_dist.linalg import qdwh
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
 
 __all__ = [
     "IN_CORE_COPIES",
-    "OutOfCoreEighNotImplemented",
     "StoredEigendecomposition",
-    "check_eigh_fits",
+    "fits_in_core",
     "is_complete",
+    "out_of_core_eigh",
     "write_eigh",
 ]
 
 IN_CORE_COPIES = 4  # K, JAX's symmetrised copy, V and LAPACK's workspace
 
 
-class OutOfCoreEighNotImplemented(NotImplementedError):
-    """The kernel is too large for the in-core eigh under the memory bound."""
+def fits_in_core(n: int, itemsize: int, memory_bound: int) -> bool:
+    """Whether the in-core eigh of an ``n x n`` matrix fits the memory bound."""
+    return IN_CORE_COPIES * n * n * itemsize <= memory_bound
 
 
-def check_eigh_fits(n: int, itemsize: int, memory_bound: int) -> None:
-    """Raise :class:`OutOfCoreEighNotImplemented` unless the in-core eigh fits the bound."""
-    need = IN_CORE_COPIES * n * n * itemsize
-    if need > memory_bound:
-        raise OutOfCoreEighNotImplemented(
-            f"eigh of a {n} x {n} kernel needs about {need} bytes in core but memory_bound is "
-            f"{memory_bound}; the out-of-core eigh is not implemented yet (see "
-            "ntk_dist.linalg.eigh). Raise memory_bound, or predict at t=None (Cholesky, which "
-            "runs out of core), or use gradient_descent (streams the kernel)"
-        )
+def out_of_core_eigh(
+    read: Callable[[slice, slice], np.ndarray],
+    n: int,
+    dtype: np.dtype,
+    memory_bound: int,
+    values_store: FactorStore,
+    vectors_store: FactorStore,
+    devices: Sequence[jax.Device] | None = None,
+) -> None:
+    """Store the eigendecomposition of the ``n x n`` matrix ``read(rows, cols)`` out of core."""
+    tile = vectors_store.array.chunk_layout.read_chunk.shape[0]
+    qdwh.divide_and_conquer_eigh(
+        read,
+        n,
+        dtype,
+        tile,
+        memory_bound,
+        devices,
+        write_rows=lambda rows, panel: vectors_store.write(
+            f"rows_{rows.start // tile}", (rows, slice(None)), panel
+        ),
+        values_out=lambda values: values_store.write("values", (slice(None),), values),
+    )
 
 
 def write_eigh(

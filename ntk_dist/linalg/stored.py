@@ -5,9 +5,9 @@ The 2-D view of a stored kernel of layout ``(N1, N2, A1, A2, ...)`` is the same 
 ``memory_bound`` (bytes per worker) decides what is held: the whole 2-D kernel is kept
 resident for products only if it takes at most half the bound, otherwise every
 product streams the store's tiles; Cholesky and eigh run in core when they fit and
-the Cholesky runs tiled (out of core) when not. Factorisations are written next to the
-kernel (:mod:`ntk_dist.linalg.factor_store`) and reused by every later operator on the
-same store with the same diagonal shift and dtype (``reused`` counts those).
+tiled (out of core; eigh by :mod:`ntk_dist.linalg.qdwh`) when not. Factorisations are
+written next to the kernel (:mod:`ntk_dist.linalg.factor_store`) and reused by every
+later operator on the same store with the same diagonal shift and dtype (``reused`` counts those).
 """
 
 from __future__ import annotations
@@ -229,12 +229,16 @@ class StoredKernelOperator(KernelOperator):
             if self._fits(2):
                 return DenseEigendecomposition(stored.values, jnp.asarray(stored.vectors_dense()))
             return stored
-        eig.check_eigh_fits(n, self.dtype.itemsize, self.memory_bound)
         self.factorizations["eigh"] += 1
-        w, v = jnp.linalg.eigh(self.to_dense())
         tile = chol.cholesky_tile_size(n, self.dtype.itemsize, self.memory_bound)
         attrs = {"kind": "eigh", "tile": tile}
         values = FactorStore.create(self.store, names[0], (n,), (n,), self.dtype, attrs)
         vectors = FactorStore.create(self.store, names[1], (n, n), (tile, tile), self.dtype, attrs)
-        eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
-        return DenseEigendecomposition(w, v)
+        if eig.fits_in_core(n, self.dtype.itemsize, self.memory_bound):
+            w, v = jnp.linalg.eigh(self.to_dense())
+            eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
+            return DenseEigendecomposition(w, v)
+        eig.out_of_core_eigh(
+            self.read, n, self.dtype, self.memory_bound, values, vectors, self.devices
+        )
+        return eig.StoredEigendecomposition(values, vectors)
