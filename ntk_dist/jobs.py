@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,8 @@ from ntk_dist.empirical import NtkImplementation, empirical_nngp_fn, empirical_n
 from ntk_dist.engine import compute_kernel
 from ntk_dist.executors import LocalExecutor
 from ntk_dist.store import KernelStore
-from ntk_dist.tiling import Tile
 
 __all__ = [
-    "CountingExecutor",
     "KernelJobResult",
     "describe_store",
     "kernel_function",
@@ -34,28 +32,6 @@ __all__ = [
     "local_devices",
     "run_kernel_job",
 ]
-
-
-class CountingExecutor(LocalExecutor):
-    """A :class:`LocalExecutor` that counts the tiles it computed (``tiles_computed``)."""
-
-    def __init__(self, devices: Sequence[jax.Device] | None = None):
-        super().__init__(devices)
-        self.tiles_computed = 0
-
-    def run(
-        self,
-        kernel_fn: Callable,
-        x1: Any,
-        x2: Any,
-        params: Any,
-        tiles: Iterable[Tile],
-        on_tile_done: Callable[[Tile, np.ndarray], None],
-        **kwargs: Any,
-    ) -> None:
-        tiles = list(tiles)
-        self.tiles_computed += len(tiles)
-        super().run(kernel_fn, x1, x2, params, tiles, on_tile_done, **kwargs)
 
 
 def load_model(spec: str) -> tuple[Callable, Any]:
@@ -189,7 +165,7 @@ def run_kernel_job(
 
         executor = executor_from_flag(ray)
     else:
-        executor = CountingExecutor(local_devices(devices))
+        executor = LocalExecutor(local_devices(devices))
     start = time.perf_counter()
     result = compute_kernel(
         kernel_fn, x1, x2, params, store=str(store), executor=executor, progress=progress, **options

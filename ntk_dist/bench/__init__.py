@@ -24,3 +24,40 @@ def time_call(fn: Callable[[], object], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def medians_in_turns(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each job, the jobs run in turns so that load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(job())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ratio_row(measure: str, setup: str, seconds: float, baseline: float, goal: str) -> dict:
+    """One measured ratio (``seconds / baseline``) with what was measured and its goal."""
+    return {
+        "measure": measure,
+        "setup": setup,
+        "seconds": seconds,
+        "baseline_seconds": baseline,
+        "ratio": seconds / baseline,
+        "goal": goal,
+    }
+
+
+def format_ratio_table(rows: list[dict], digits: int = 2) -> str:
+    """A Markdown table of :func:`ratio_row` rows (the README shows them)."""
+    lines = [
+        "| measure | setup | time (s) | baseline (s) | ratio | goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['measure']} | {r['setup']} | {r['seconds']:.{digits}f} | "
+            f"{r['baseline_seconds']:.{digits}f} | {r['ratio']:.{digits}f} | {r['goal']} |"
+        )
+    return "\n".join(lines)

@@ -25,17 +25,16 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from ntk_dist.bench import format_ratio_table, medians_in_turns, ratio_row
 from ntk_dist.linalg import StoredKernelOperator
 from ntk_dist.linalg.cholesky import IN_CORE_COPIES
 from ntk_dist.predict import gradient_descent_mse
@@ -53,28 +52,6 @@ def _store(path: Path, n: int, block: int) -> KernelStore:
     for t in plan:
         store.write_tile(t, k[t.rows, t.cols])
     return store
-
-
-def _in_turns(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each job, run in turns so that load changes hit every job alike."""
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(repeats):
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(job())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _row(measure: str, setup: str, seconds: float, baseline: float, goal: str) -> dict:
-    return {
-        "measure": measure,
-        "setup": setup,
-        "seconds": seconds,
-        "baseline_seconds": baseline,
-        "ratio": seconds / baseline,
-        "goal": goal,
-    }
 
 
 def _where() -> str:
@@ -100,12 +77,14 @@ def bench_cholesky(path: Path, n: int, repeats: int) -> list[dict]:
         ("in core", IN_CORE_COPIES * matrix),
         ("out of core", matrix // 4),
     ]:
-        t = _in_turns(
+        t = medians_in_turns(
             {"lapack": lambda: np.linalg.cholesky(dense), "ours": factorise(bound)}, repeats
         )
         setup = f"N={n} float64, {label}, bound {bound / 2**20:.0f} MiB, {_where()}"
         rows.append(
-            _row("tiled Cholesky ÷ numpy.linalg.cholesky", setup, t["ours"], t["lapack"], "<= 1.5")
+            ratio_row(
+                "tiled Cholesky ÷ numpy.linalg.cholesky", setup, t["ours"], t["lapack"], "<= 1.5"
+            )
         )
     return rows
 
@@ -123,7 +102,7 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
         return run
 
     out_of_core = n * n * 8 // 2  # below the matrix itself: the divide-and-conquer path
-    t = _in_turns(
+    t = medians_in_turns(
         {
             "lapack": lambda: np.linalg.eigh(dense),
             "ours": stored_eigh(None),
@@ -133,10 +112,10 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
     )
     setup = f"N={n} float64, {_where()}"
     rows = [
-        _row(
+        ratio_row(
             "stored eigh ÷ numpy.linalg.eigh", f"{setup}, in core", t["ours"], t["lapack"], "<= 3"
         ),
-        _row(
+        ratio_row(
             "stored eigh ÷ numpy.linalg.eigh",
             f"{setup}, out of core (QDWH divide and conquer), bound {out_of_core / 2**20:.0f} MiB",
             t["out_of_core"],
@@ -147,11 +126,11 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
     y = np.ones((n, 1))
     gradient_descent_mse(store, y)(1.0, 0.0)  # the eigenbasis is stored (and jit compiled)
     times = iter(range(2, 2 + repeats))
-    again = _in_turns(
+    again = medians_in_turns(
         {"more": lambda: gradient_descent_mse(store, y)(float(next(times)), 0.0)}, repeats
     )
     rows.append(
-        _row(
+        ratio_row(
             "one more prediction once the eigenbasis is stored ÷ the eigh",
             f"{setup}, new predictor at a new t",
             again["more"],
@@ -172,20 +151,6 @@ def bench_linalg(cholesky_n: list[int], eigh_n: list[int], repeats: int = 1) -> 
         for n in eigh_n:
             rows += bench_eigh(Path(folder) / f"eigh{n}", n, repeats)
     return rows
-
-
-def format_linalg_table(rows: list[dict]) -> str:
-    """A Markdown table of :func:`bench_linalg` rows (the README shows it)."""
-    lines = [
-        "| measure | setup | time (s) | baseline (s) | ratio | goal |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['measure']} | {r['setup']} | {r['seconds']:.3f} | "
-            f"{r['baseline_seconds']:.3f} | {r['ratio']:.3f} | {r['goal']} |"
-        )
-    return "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -226,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if args.devices is not None and args.devices > (os.cpu_count() or 1):
         print(f"note: {args.devices} simulated devices share {os.cpu_count()} cores")
     rows = bench_linalg(args.cholesky_n, args.eigh_n, args.repeats)
-    print(format_linalg_table(rows))
+    print(format_ratio_table(rows, digits=3))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import jax
 import numpy as np
 
 from ntk_dist import models
+from ntk_dist.bench import format_ratio_table, medians_in_turns, ratio_row
 from ntk_dist.empirical import NtkImplementation, empirical_ntk_fn
 from ntk_dist.engine import compute_kernel
 from ntk_dist.executors import LocalExecutor
@@ -50,18 +49,6 @@ def _setup(n: int, seed: int) -> tuple[Callable, np.ndarray, np.ndarray, object]
     )
     x = np.random.default_rng(seed).normal(size=(n, 8, 8, 1)).astype(np.float32)
     return ntk_fn, x, x.copy(), params
-
-
-def _interleaved_medians(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each job, run in turns (job 1, job 2, ..., job 1, ...) so that a
-    change in the machine's load hits every job alike."""
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    for _ in range(repeats):
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(job())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _store_job(
@@ -100,7 +87,7 @@ def device_scaling(n: int, block: int, repeats: int, seed: int = 0) -> dict:
             str(d): _store_job(ntk_fn, x1, x2, params, block, Path(tmp), LocalExecutor(devices[:d]))
             for d in (1, len(devices))
         }
-        seconds = _interleaved_medians(jobs, repeats)
+        seconds = medians_in_turns(jobs, repeats)
     return {"seconds": seconds, "platform": devices[0].platform, "devices": len(devices)}
 
 
@@ -136,7 +123,7 @@ def bench_tiles(n: int = 256, blocks: int = 4, repeats: int = 3, seed: int = 0) 
     jax.block_until_ready(precompiled(x1, x2, params))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        seconds = _interleaved_medians(
+        seconds = medians_in_turns(
             {
                 # a fresh function: traced and compiled again, as compute_kernel does
                 "call_cold": lambda: jax.jit(lambda a, b, p: ntk_fn(a, b, p))(x1, x2, params),
@@ -151,7 +138,7 @@ def bench_tiles(n: int = 256, blocks: int = 4, repeats: int = 3, seed: int = 0) 
     for tiles, key in (("1 tile", "whole"), (f"{blocks}x{blocks} tiles", "tiled")):
         for how, base in (("compiled in the run", "call_cold"), ("precompiled", "call_warm")):
             rows.append(
-                _row(
+                ratio_row(
                     "store ÷ one call",
                     f"{n}x{n} NTK, {tiles}; call {how}",
                     seconds[key],
@@ -161,7 +148,7 @@ def bench_tiles(n: int = 256, blocks: int = 4, repeats: int = 3, seed: int = 0) 
             )
     ideal = (blocks + 1) / (2 * blocks)
     rows.append(
-        _row(
+        ratio_row(
             "symmetric ÷ rectangular",
             f"{n}x{n} NTK, {blocks} block rows, both to stores",
             seconds["symmetric"],
@@ -178,7 +165,7 @@ def bench_tiles(n: int = 256, blocks: int = 4, repeats: int = 3, seed: int = 0) 
         where = f"{_DEVICES} simulated CPU devices sharing {os.cpu_count()} cores"
     many = str(scaling["devices"])
     rows.append(
-        _row(
+        ratio_row(
             f"{many} devices ÷ 1 device",
             f"{n}x{n} NTK, {blocks}x{blocks} tiles, {where}",
             scaling["seconds"][many],
@@ -223,31 +210,6 @@ def format_reuse_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _row(measure: str, setup: str, seconds: float, baseline: float, goal: str) -> dict:
-    return {
-        "measure": measure,
-        "setup": setup,
-        "seconds": seconds,
-        "baseline_seconds": baseline,
-        "ratio": seconds / baseline,
-        "goal": goal,
-    }
-
-
-def format_tiles_table(rows: list[dict]) -> str:
-    """A Markdown table of :func:`bench_tiles` rows."""
-    lines = [
-        "| measure | setup | time (s) | baseline (s) | ratio | goal |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['measure']} | {r['setup']} | {r['seconds']:.2f} | "
-            f"{r['baseline_seconds']:.2f} | {r['ratio']:.2f} | {r['goal']} |"
-        )
-    return "\n".join(lines)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``ntk-dist bench tiles``."""
     parser = subparsers.add_parser(
@@ -267,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPU cores"
     )
     rows = bench_tiles(n=args.n, blocks=args.blocks, repeats=args.repeats)
-    print(format_tiles_table(rows))
+    print(format_ratio_table(rows))
     print()
     print(format_reuse_table(reuse_factors(n=args.n, blocks=args.blocks)))
     if args.json:

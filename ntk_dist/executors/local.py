@@ -112,7 +112,8 @@ class LocalExecutor:
     bounds the features a panel run keeps. ``compilations`` counts the programs
     compiled for tiles (per ``run``: one whole-tile program, or the features
     programs and the contraction of a panel run). ``reuse`` is the
-    :class:`FeatureReuse` of the last ``run``.
+    :class:`FeatureReuse` of the last ``run``; ``tiles_computed`` counts the tiles
+    it finished (as :class:`~ntk_dist.executors.RayExecutor` does).
     """
 
     def __init__(
@@ -124,6 +125,7 @@ class LocalExecutor:
         self.mesh = Mesh(np.array(self.devices), (_AXIS,), axis_types=(AxisType.Explicit,))
         self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.compilations = 0
+        self.tiles_computed = 0
         self.reuse: FeatureReuse | None = None
 
     @property
@@ -284,12 +286,18 @@ class LocalExecutor:
         **kwargs: Any,
     ) -> None:
         """Compute ``tiles`` (in row panels) and hand each cropped block to ``on_tile_done``."""
+        self.tiles_computed = 0
         tiles = panel_order(tiles)
         if not tiles:
             return
         program = self.prepare(kernel_fn, x1, x2, params, plan=plan, **kwargs)
         self.reuse = program.reuse
-        writer = _Writer(on_tile_done)
+
+        def done(tile: Tile, block: np.ndarray) -> None:
+            on_tile_done(tile, block)
+            self.tiles_computed += 1
+
+        writer = _Writer(done)
         pending: tuple[Tile, jax.Array] | None = None
         try:
             for tile in tiles:
