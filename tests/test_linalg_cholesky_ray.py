@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from linalg_helpers import ill_conditioned, rel, store_kernel
+from ray_cluster import alive_nodes, two_node_cluster
 
 from ntk_dist.linalg import NotPositiveDefiniteError, StoredKernelOperator
 from ntk_dist.linalg.cholesky import PANELS
@@ -12,24 +13,8 @@ from ntk_dist.store import KernelStore
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        head.add_node(num_cpus=1)
-        head.wait_for_nodes(timeout=60)
-        ray.init(address=head.address, log_to_driver=False)
+    with two_node_cluster() as head:
         yield head
-    finally:
-        ray.shutdown()
-        head.shutdown()
-
-
-def alive_nodes() -> set[str]:
-    import ray
-
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def test_ray_cholesky_on_two_nodes_matches_lapack_and_is_reused(tmp_path, cluster):

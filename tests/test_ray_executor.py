@@ -18,6 +18,7 @@ import kernel_job
 import numpy as np
 import pytest
 from kernel_job import ROOT, data, make_kernel_fn, mlp, mlp_params
+from ray_cluster import alive_nodes, two_node_cluster
 
 import ntk_dist
 from ntk_dist.engine import compute_kernel
@@ -29,27 +30,12 @@ JOB_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
     import ray.cloudpickle
-    from ray.cluster_utils import Cluster
 
     # Workers cannot import the tests' helper module: ship it with the functions.
     ray.cloudpickle.register_pickle_by_value(kernel_job)
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        head.add_node(num_cpus=1)
-        head.wait_for_nodes(timeout=60)
-        ray.init(address=head.address, log_to_driver=False)
+    with two_node_cluster() as head:
         yield head
-    finally:
-        ray.shutdown()
-        head.shutdown()
-
-
-def node_ids() -> set[str]:
-    import ray
-
-    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def within(seconds: float, fn, *args, **kwargs):
@@ -113,7 +99,7 @@ def test_stored_kernel_equals_one_call_and_both_nodes_computed_tiles(cluster, tm
     assert relative_error(store.to_numpy(), ref) < 1e-10
     records = KernelStore.open(store.path).tile_records()
     assert len(records) == len(store.plan) == executor.tiles_computed
-    assert {r["node"] for r in records.values()} == node_ids()
+    assert {r["node"] for r in records.values()} == alive_nodes()
     assert len(executor.workers) == 2
 
 
@@ -269,7 +255,7 @@ def test_cli_kernel_on_the_ray_cluster(cluster, tmp_path, capsys):
     ref = np.asarray(ntk_dist.empirical_ntk_fn(f, vmap_axes=0)(x, None, params))
     store = KernelStore.open(tmp_path / "k.zarr")
     assert relative_error(store.to_numpy(), ref) < 1e-5
-    assert {r["node"] for r in store.tile_records().values()} == node_ids()
+    assert {r["node"] for r in store.tile_records().values()} == alive_nodes()
 
 
 def test_executor_from_flag():
