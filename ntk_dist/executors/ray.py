@@ -29,10 +29,11 @@ import numpy as np
 from ntk_dist.store import KernelStore, NonFiniteTileError
 from ntk_dist.tiling import Tile, TilePlan
 
-__all__ = ["RayExecutor", "WorkerInfo", "executor_from_flag"]
+__all__ = ["RayExecutor", "WorkerInfo", "executor_from_flag", "import_ray"]
 
 
-def _ray() -> Any:
+def import_ray() -> Any:
+    """The ``ray`` module, or an ImportError saying how to install the optional extra."""
     try:
         import ray
     except ImportError as e:
@@ -170,7 +171,7 @@ class RayExecutor:
 
     # ------------------------------------------------------------------- internals
     def _connect(self) -> Any:
-        ray = _ray()
+        ray = import_ray()
         if not ray.is_initialized():
             ray.init(address=self.address, **{"log_to_driver": False, **self.init_kwargs})
         return ray

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import scipy.linalg
 
-from ntk_dist.executors.ray import _ray
+from ntk_dist.executors.ray import import_ray
 from ntk_dist.linalg import cholesky as chol
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
@@ -108,12 +108,12 @@ def ray_cholesky(op: StoredKernelOperator, tile: int) -> RayCholesky:
     Connects to the running cluster (``ray.init`` first). The factor is stored where
     ``op.cholesky()`` finds and reuses it; columns already in its ledger are skipped.
     """
-    ray = _ray()
+    ray = import_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     n = op.shape[0]
     span = _spans(n, tile)
-    name = op._name("cholesky")
+    name = op.factor_name("cholesky")
     factor = FactorStore.open(op.store, name)
     if factor is None or factor.attributes.get("tile") != tile:
         attributes = {"kind": "cholesky", "tile": tile}

@@ -190,12 +190,13 @@ class StoredKernelOperator(KernelOperator):
         )
 
     # --------------------------------------------------------- factorisations
-    def _name(self, what: str) -> str:
+    def factor_name(self, what: str) -> str:
+        """Name of a stored factor of this operator (dtype and diagonal shift included)."""
         return f"{what}-{self.dtype.name}-shift{self.shift.hex()}"
 
     def _cholesky_factor(self) -> CholeskyFactor:
         n, itemsize = self.shape[0], self.dtype.itemsize
-        name = self._name("cholesky")
+        name = self.factor_name("cholesky")
         factor = FactorStore.open(self.store, name)
         if factor is not None and chol.is_complete(factor, n, factor.attributes["tile"]):
             self.reused["cholesky"] += 1
@@ -221,7 +222,7 @@ class StoredKernelOperator(KernelOperator):
 
     def _eigendecomposition(self) -> Eigendecomposition:
         n = self.shape[0]
-        names = self._name("eigenvalues"), self._name("eigenvectors")
+        names = self.factor_name("eigenvalues"), self.factor_name("eigenvectors")
         values, vectors = (FactorStore.open(self.store, name) for name in names)
         if values is not None and vectors is not None and eig.is_complete(values, vectors):
             self.reused["eigh"] += 1
