@@ -144,8 +144,11 @@ class KernelOperator(abc.ABC):
     (``col_shape``). Subclasses implement ``matmul``, ``diagonal``, ``to_dense``,
     ``all_finite``, ``add_to_diagonal`` and the two factorisations. This base class
     caches each factorisation; ``factorizations`` counts those computed and ``reused``
-    those read back from storage.
+    those read back from storage. ``checked_on_read`` is True for operators that reject
+    NaN/Inf in every block they read, so no separate pass over the kernel is needed.
     """
+
+    checked_on_read = False
 
     def __init__(self, row_shape: Shape, col_shape: Shape, dtype: jnp.dtype):
         self.row_shape = tuple(row_shape)

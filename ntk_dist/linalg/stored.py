@@ -53,7 +53,11 @@ class StoredKernelOperator(KernelOperator):
       shift: ``s`` in ``K + s I`` (what :meth:`add_to_diagonal` accumulates).
       devices: devices for the tiled Cholesky (default all local devices).
       progress: ``progress(done, total)`` after each block column of a tiled Cholesky.
+
+    Every tile read is checked for NaN/Inf (``NonFiniteTileError`` naming the tile).
     """
+
+    checked_on_read = True
 
     def __init__(
         self,

@@ -96,7 +96,9 @@ def as_kernel_operator(
 ) -> KernelOperator:
     """Pass an operator through; wrap a store or an array of layout ``(N1, N2, ...)``.
 
-    Raises ValueError (naming ``name``) for a malformed layout or NaN/Inf entries.
+    Raises ValueError (naming ``name``) for a malformed layout or NaN/Inf entries. Stored
+    kernels are checked tile by tile as they are read, not by an extra pass over the store
+    (which every new predictor on a large stored kernel would otherwise pay).
     """
     if isinstance(kernel, KernelOperator):
         op = kernel
@@ -106,7 +108,8 @@ def as_kernel_operator(
         shape = tuple(np.shape(kernel))
         check_layout(shape, name)
         op = DenseKernelOperator.from_kernel(kernel)
-    op.check_finite(name)
+    if not op.checked_on_read:
+        op.check_finite(name)
     return op
 
 
