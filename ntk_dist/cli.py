@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 
 from ntk_dist.bench import KINDS as BENCH_KINDS
+from ntk_dist.empirical.implementation import NtkImplementation
 
-_IMPLEMENTATIONS = {"auto": 0, "jacobian_contraction": 1, "ntk_vector_products": 2}
+_IMPLEMENTATIONS = {m.name.lower(): int(m) for m in NtkImplementation}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -58,10 +59,11 @@ def _implementation(text: str) -> int:
     key = text.lower()
     if key in _IMPLEMENTATIONS:
         return _IMPLEMENTATIONS[key]
-    if key in {"0", "1", "2"}:
+    if key in {str(v) for v in _IMPLEMENTATIONS.values()}:
         return int(key)
+    numbers = ", ".join(str(v) for v in _IMPLEMENTATIONS.values())
     raise argparse.ArgumentTypeError(
-        f"implementation {text!r} is not one of {', '.join(_IMPLEMENTATIONS)} (or 0, 1, 2)"
+        f"implementation {text!r} is not one of {', '.join(_IMPLEMENTATIONS)} (or {numbers})"
     )
 
 
@@ -85,7 +87,7 @@ def _add_kernel(commands: argparse._SubParsersAction) -> None:
         "--implementation",
         type=_implementation,
         default=0,
-        help="auto (default), jacobian_contraction, ntk_vector_products (or 0, 1, 2)",
+        help=f"{', '.join(_IMPLEMENTATIONS)} (or 0-{len(_IMPLEMENTATIONS) - 1}); default auto",
     )
     kernel.add_argument(
         "--vmap-axes", type=_vmap_axes, default=None, help="batch axis of x and f(x), or none"

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 import numpy as np
 
+from ntk_dist.empirical.autotune import tune
 from ntk_dist.executors import Executor, LocalExecutor
 from ntk_dist.executors.local import default_memory_budget
+from ntk_dist.progress import ProgressReporter
 from ntk_dist.store import KernelStore, NonFiniteTileError, check_finite
 from ntk_dist.tiling import Tile, TilePlan
 
@@ -77,6 +77,13 @@ def kernel_layout(
 
     # The output rank fixes f's rank, which turns negative axes into positive ones.
     probe = shape_for(1, 1)
+    if not isinstance(probe, jax.ShapeDtypeStruct):
+        leaves = jax.tree.structure(probe)
+        raise ValueError(
+            f"kernel_fn returns a pytree of kernels ({leaves}), but a store holds one kernel "
+            "array: tile one output of f at a time, e.g. with "
+            "f_a = lambda params, x: f(params, x)['a']"
+        )
     g, t = len(diag), len(trace or ())
     f_ndim = (probe.ndim + g) // 2 + t
     norm_trace = {a % f_ndim for a in trace or ()}
@@ -189,44 +196,6 @@ def _plan(
     )
 
 
-class _Progress:
-    """Tiles done / total, kernel entries per second and ETA, on stderr."""
-
-    def __init__(self, total: int, done: int, enabled: bool, every: float = 1.0):
-        self.total, self.done, self.enabled, self.every = total, done, enabled, every
-        self.start = time.perf_counter()
-        self.entries = 0
-        self.computed = 0
-        self.last = 0.0
-
-    def update(self, entries: int) -> None:
-        self.done += 1
-        self.computed += 1
-        self.entries += entries
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done == self.total):
-            self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            eta = elapsed / self.computed * (self.total - self.done)
-            end = "\n" if self.done == self.total else ""
-            print(
-                f"\r[ntk_dist] tiles {self.done}/{self.total} | "
-                f"{self.entries / elapsed:,.0f} kernel entries/s | ETA {_hms(eta)}",
-                end=end,
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            print(f"[ntk_dist] {message}", file=sys.stderr, flush=True)
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
 def compute_kernel(
     kernel_fn: Callable,
     x1: Any,
@@ -258,7 +227,9 @@ def compute_kernel(
         are checked (``verify``) and only missing or damaged ones computed.
       block_size: rows (and columns) of a tile, or ``(rows, cols)``. Default:
         the store's block shape when resuming, else chosen from ``memory_budget``
-        (bytes per device; default half the device memory or 1 GiB).
+        (bytes per device; default half the device memory or 1 GiB). A kernel_fn with
+        ``implementation=AUTO`` is tuned for these tiles first (implementation, then
+        blocks; see :mod:`ntk_dist.empirical.autotune`) and the pick computes them.
       executor: where tiles are computed; default ``LocalExecutor(memory_budget=...)``,
         which reuses per-block Jacobians across tiles within the budget.
       overwrite: replace a store that holds a different kernel.
@@ -274,7 +245,11 @@ def compute_kernel(
         written (all other tiles were).
     """
     executor = LocalExecutor(memory_budget=memory_budget) if executor is None else executor
-    layout = kernel_layout(kernel_fn, x1, x2, params, **kwargs)
+    auto = getattr(kernel_fn, "autotune", None)
+    # AUTO's candidates return the same shapes: probe one, so that the probes are not tuned for.
+    probe = kernel_fn if auto is None else next(iter(auto.candidates.values()))
+    layout = kernel_layout(probe, x1, x2, params, **kwargs)
+    layout = replace(layout, implementation=getattr(kernel_fn, "implementation", None))
     symmetric = x2 is None and not layout.batch_diagonal
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
@@ -289,25 +264,41 @@ def compute_kernel(
     if existing is not None:
         block_size = existing.plan.block_shape
 
-    def estimate() -> tuple[float, float]:
-        model = getattr(executor, "memory_model", None)
-        if model is None:
-            raise ValueError(
-                f"{type(executor).__name__} cannot estimate tile memory; pass block_size"
-            )
-        return model(kernel_fn, x1, x2, params, diagonal=layout.batch_diagonal, **kwargs)
+    n_devices = getattr(executor, "n_devices", 1)
 
-    plan = _plan(
-        n1,
-        n2,
-        layout,
-        symmetric,
-        block_size,
-        memory_budget,
-        estimate,
-        getattr(executor, "n_devices", 1),
-    )
-    report = _Progress(len(plan), 0, progress)
+    def plan_for(fn: Callable, block: int | Sequence[int] | None) -> TilePlan:
+        def estimate() -> tuple[float, float]:
+            model = getattr(executor, "memory_model", None)
+            if model is None:
+                raise ValueError(
+                    f"{type(executor).__name__} cannot estimate tile memory; pass block_size"
+                )
+            return model(fn, x1, x2, params, diagonal=layout.batch_diagonal, **kwargs)
+
+        return _plan(n1, n2, layout, symmetric, block, memory_budget, estimate, n_devices)
+
+    if auto is not None:  # AUTO: pick the implementation, and the blocks if not given
+        requested = None if block_size is None else [int(b) for b in np.atleast_1d(block_size)]
+        tiles = {
+            "block_size": requested,
+            "memory_budget": memory_budget,
+            "executor": type(executor).__name__,
+            "executor_memory_budget": getattr(executor, "memory_budget", None),
+        }
+        decision = tune(
+            auto,
+            x1,
+            x2,
+            params,
+            kwargs,
+            n_devices=n_devices,
+            tiles=tiles,
+            block_shape_for=None if requested else lambda fn: plan_for(fn, None).block_shape,
+        )
+        kernel_fn = auto.candidates[decision.implementation]  # the store still says AUTO
+        block_size = decision.block_shape if block_size is None else block_size
+    plan = plan_for(kernel_fn, block_size)
+    report = ProgressReporter("tiles", len(plan), "kernel entries", enabled=progress)
 
     if store is None:
         result = np.empty(plan.kernel_shape + layout.entry_shape, out_dtype)

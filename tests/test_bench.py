@@ -5,20 +5,38 @@ import json
 import pytest
 
 from ntk_dist.cli import main
+from ntk_dist.empirical import kernel_fns
 
 
-def test_bench_kernels_reports_every_implementation(tmp_path, capsys):
+def test_bench_kernels_reports_every_implementation(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NTK_DIST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NTK_DIST_AUTOTUNE", "model")  # AUTO's measurement: tests/test_autotune.py
     path = tmp_path / "rows.json"
-    assert main(["bench", "kernels", "--n", "2", "--repeats", "1", "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())
-    assert [r["network"] for r in rows] == ["docs CNN", "docs MLP"]
-    for row in rows:
-        rates = row["examples2_per_s"]
-        assert set(rates) == {"JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS", "AUTO"}
-        assert all(rate > 0 for rate in rates.values())
-        assert row["auto_chose"] in {"JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS"}
-    assert rows[1]["params"] == 3072 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
-    assert "| docs MLP | 2 |" in capsys.readouterr().out
+    argv = ["bench", "kernels", "--n", "2", "--repeats", "1", "--tile-block", "1"]
+    assert main([*argv, "--gemm-n", "32", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["gemm_flops_per_s"] > 0
+    registered = sorted(kernel_fns._IMPLEMENTATIONS)
+    paths = [f"impl {int(i)} {i.name}, one call" for i in registered]
+    for network in ("docs CNN", "docs MLP"):
+        rows = [r for r in result["rows"] if r["network"] == network]
+        assert [r["path"] for r in rows[: len(paths)]] == paths
+        auto, per_tile, tiles = rows[len(paths) :]
+        assert auto["path"].startswith("AUTO (") and auto["path"].endswith("), one call")
+        assert per_tile["path"] == "per-tile JC, blocks of 1 (baseline)"
+        assert tiles["path"].startswith("AUTO tiles, block_size=None")
+        for r in rows:
+            assert r["n"] == 2 and r["seconds"] > 0
+            assert r["examples2_per_s"] == pytest.approx(4 / r["seconds"])
+        # blocks of 1 of a symmetric 2 x 2 kernel: tiles (0,0), (0,1), (1,1), each computing
+        # the Jacobians of its row and column example: 6 evaluations of 2 examples
+        assert per_tile["recompute"] == 3.0
+        assert rows[0]["recompute"] == 1.0 and rows[0]["flops"] > 0
+    goals = {(g["network"], g["measure"]) for g in result["goals"]}
+    assert ("docs CNN", "best path ÷ per-tile JC (rate)") in goals
+    assert ("docs MLP", "AUTO one call ÷ best implementation (rate)") in goals
+    out = capsys.readouterr().out
+    assert "| docs MLP | impl 1 JACOBIAN_CONTRACTION, one call | 2 |" in out
 
 
 def test_bench_tiles_reports_every_ratio(tmp_path, capsys):

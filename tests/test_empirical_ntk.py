@@ -397,7 +397,7 @@ def test_axes_out_of_range(trace_axes, diagonal_axes, message):
         ntk_fn(_normal(1, (2, 5)), None, 2.0)
 
 
-@pytest.mark.parametrize("bad", [3, -1, "jacobian", 1.0, True, None])
+@pytest.mark.parametrize("bad", [4, -1, "jacobian", 1.0, True, None])
 def test_bad_implementation(bad):
     with pytest.raises(ValueError, match="implementation=.*NTK_VECTOR_PRODUCTS=2"):
         empirical_ntk_fn(mlp, implementation=bad)
@@ -408,6 +408,7 @@ def test_implementation_values():
         ("AUTO", 0),
         ("JACOBIAN_CONTRACTION", 1),
         ("NTK_VECTOR_PRODUCTS", 2),
+        ("STRUCTURED_DERIVATIVES", 3),
     ]
 
 

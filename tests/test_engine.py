@@ -214,6 +214,13 @@ def test_untileable_kernels_are_refused():
     with pytest.raises(ValueError, match="tiling needs"):
         compute_kernel(summed, x, None, params, block_size=2, progress=False)
 
+    def two_kernels(x1, x2, p):  # a pytree of kernels: a store holds one array
+        k = make_kernel_fn("nngp", (-1,), (), attrs=False)(x1, x2, p)
+        return {"a": k, "b": k}
+
+    with pytest.raises(ValueError, match="tile one output of f at a time"):
+        compute_kernel(two_kernels, x, None, params, block_size=2, progress=False)
+
 
 def test_budget_chosen_blocks_bound_peak_memory(tmp_path):
     """Peak RSS growth stays under budget + 96 MB (XLA compiler/runtime, pipeline buffers).

@@ -4,7 +4,8 @@ rules, the AUTO cost model, and linearised / Taylor-expanded networks.
 Pure JAX, jit-able, and unaware of tiles, stores or hosts. The API is neural-tangents'.
 """
 
-from ntk_dist.empirical.cost_model import CostEstimate, choose_implementation, estimate_costs
+from ntk_dist.empirical.autotune import choose_implementation
+from ntk_dist.empirical.cost_model import CostEstimate, estimate_costs
 from ntk_dist.empirical.implementation import NtkImplementation
 from ntk_dist.empirical.kernel_fns import empirical_kernel_fn, empirical_nngp_fn, empirical_ntk_fn
 from ntk_dist.empirical.taylor import linearize, taylor_expand

@@ -1,22 +1,27 @@
-"""AUTO: pick Jacobian contraction or NTK-vector products from estimated FLOPs and memory.
+"""AUTO's first stage: rank the implementations by estimated FLOPs and memory, nothing run.
 
-Nothing is run: the cost of one forward pass of f comes from XLA's cost analysis of the
-lowered (not compiled) primal, or from ``2 * params * batch`` when the backend gives none.
-With F the forward FLOPs, P the parameter count and O the outputs (per example if vmapped):
+The cost of one forward pass of f comes from XLA's cost analysis of the lowered (not
+compiled) primal, or from ``2 * params * batch`` when the backend gives none. With F the
+forward FLOPs, P the parameter count and O the outputs (per example if vmapped):
 
-* Jacobian contraction: ``F + 2 F min(O, P)`` per Jacobian (reverse or forward mode), plus
-  ``2 P`` per kernel entry before the trace (the contraction); memory holds J1 and J2.
-* NTK-vector products: ``F1 + F2 + 2 (F1 + F2)`` per cotangent basis vector of f(x2), all
-  of f(x2) being needed even when traced; memory holds a chunk of parameter-sized vectors.
+* Jacobian contraction (1): ``F + 2 F min(O, P)`` per Jacobian (reverse or forward mode),
+  plus ``2 P`` per kernel entry before the trace (the contraction); memory holds J1 and J2.
+* NTK-vector products (2): ``F1 + F2 + 2 (F1 + F2)`` per cotangent basis vector of f(x2),
+  all of f(x2) being needed even when traced; memory holds a chunk of parameter-sized
+  vectors.
+* Any other implementation (e.g. structured derivatives, 3): the FLOPs XLA's cost analysis
+  counts in its lowered kernel computation at these shapes; its memory is not modelled
+  (the measurement and the tiler's memory model check it).
 
-The cheapest in FLOPs among those that fit the memory budget wins (ties: Jacobians).
+The ranking puts those that fit the memory budget first, cheapest first (ties: lower
+implementation number), then the others by memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -28,17 +33,45 @@ from ntk_dist.empirical.implementation import NtkImplementation
 from ntk_dist.empirical.memory import memory_budget_bytes
 from ntk_dist.empirical.problem import KernelProblem, make_problem
 
+JC, NVP = NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.NTK_VECTOR_PRODUCTS
+
 
 @dataclasses.dataclass(frozen=True)
 class CostEstimate:
-    """Estimated FLOPs and peak bytes of each implementation, and the resulting choice."""
+    """Estimated FLOPs and peak bytes of each implementation, and the budget they must fit."""
 
-    jacobian_contraction_flops: float
-    jacobian_contraction_bytes: float
-    ntk_vector_products_flops: float
-    ntk_vector_products_bytes: float
+    flops: dict[NtkImplementation, float]
+    peak_bytes: dict[NtkImplementation, float]
     memory_budget_bytes: float
-    choice: NtkImplementation
+
+    def fits(self, implementation: NtkImplementation) -> bool:
+        """Whether the implementation's estimated peak memory fits the budget."""
+        return self.peak_bytes[implementation] <= self.memory_budget_bytes
+
+    @property
+    def ranking(self) -> list[NtkImplementation]:
+        """Implementations that fit, cheapest first, then those that do not, smallest first."""
+        return rank(
+            {k: (self.flops[k], self.peak_bytes[k]) for k in self.flops}, self.memory_budget_bytes
+        )
+
+    @property
+    def choice(self) -> NtkImplementation:
+        """The cost model's pick: the first of :attr:`ranking`."""
+        return self.ranking[0]
+
+
+def rank(
+    options: Mapping[NtkImplementation, tuple[float, float]], budget: float
+) -> list[NtkImplementation]:
+    """Order ``{implementation: (flops, bytes)}``: fitting ``budget`` by flops, then by bytes."""
+    fitting = sorted(
+        (k for k, v in options.items() if v[1] <= budget), key=lambda k: (options[k][0], k)
+    )
+    others = sorted(
+        (k for k, v in options.items() if v[1] > budget), key=lambda k: (options[k][1], k)
+    )
+    return fitting + others
 
 
 def flops_from_cost_analysis(analysis: Any) -> float | None:
@@ -52,31 +85,38 @@ def flops_from_cost_analysis(analysis: Any) -> float | None:
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
+    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct)
 
 
-def primal_flops(f: Callable[..., Any], params: Any, x: Any, kwargs: dict[str, Any]) -> float:
-    """FLOPs of one call f(params, x, **kwargs), estimated from shapes only.
+def lowered_flops(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> float | None:
+    """FLOPs XLA counts in ``fn(*args, **kwargs)`` lowered at these shapes (None if none).
 
     Array keyword arguments are passed abstractly, the others (flags, strings) statically.
     """
     leaves, tree = jax.tree.flatten(kwargs)
     is_array = [_is_array(leaf) for leaf in leaves]
 
-    def primal(p: Any, x_: Any, arrays: list[Any]) -> Any:
+    def call(positional: tuple[Any, ...], arrays: list[Any]) -> Any:
         it = iter(arrays)
         kw = [next(it) if a else leaf for leaf, a in zip(leaves, is_array, strict=True)]
-        return f(p, x_, **jax.tree.unflatten(tree, kw))
+        return fn(*positional, **jax.tree.unflatten(tree, kw))
 
     def spec(tree_: Any) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree_)
 
     arrays = [leaf for leaf, a in zip(leaves, is_array, strict=True) if a]
     try:
-        lowered = jax.jit(primal).lower(spec(params), spec(x), spec(arrays))
-        flops = flops_from_cost_analysis(lowered.cost_analysis())
+        lowered = jax.jit(call).lower(spec(args), spec(arrays))
+        return flops_from_cost_analysis(lowered.cost_analysis())
     except Exception:  # noqa: BLE001 - any failure only means "no estimate from XLA"
-        flops = None
+        return None
+
+
+def primal_flops(f: Callable[..., Any], params: Any, x: Any, kwargs: dict[str, Any]) -> float:
+    """FLOPs of one call f(params, x, **kwargs), estimated from shapes only."""
+    flops = lowered_flops(f, (params, x), kwargs)
     if flops is not None:
         return flops
     n_params = sum(math.prod(np.shape(p)) for p in jax.tree.leaves(params))
@@ -84,20 +124,8 @@ def primal_flops(f: Callable[..., Any], params: Any, x: Any, kwargs: dict[str, A
     return 2.0 * n_params * batch
 
 
-def decide(jc: tuple[float, float], nvp: tuple[float, float], budget: float) -> NtkImplementation:
-    """Cheapest (flops, bytes) pair that fits ``budget``; the smallest if none fits."""
-    options = {
-        NtkImplementation.JACOBIAN_CONTRACTION: jc,
-        NtkImplementation.NTK_VECTOR_PRODUCTS: nvp,
-    }
-    fitting = {k: v for k, v in options.items() if v[1] <= budget}
-    if fitting:
-        return min(fitting, key=lambda k: (fitting[k][0], k))
-    return min(options, key=lambda k: (options[k][1], k))
-
-
-def estimate_problem(problem: KernelProblem) -> CostEstimate:
-    """Cost estimate of both implementations for a resolved kernel problem."""
+def _modelled_costs(problem: KernelProblem) -> dict[NtkImplementation, tuple[float, float]]:
+    """(flops, peak bytes) of implementations 1 and 2 from the formulas above."""
     p = problem.n_params
     same = problem.x2 is None
     f1 = primal_flops(problem.f, problem.params, problem.x1, problem.kwargs1)
@@ -121,9 +149,29 @@ def estimate_problem(problem: KernelProblem) -> CostEstimate:
     jc_flops += f1 + 2 * f1 * min(jac_out1, p)
     if not same:
         jc_flops += f2 + 2 * f2 * min(jac_out2, p)
+    return {JC: (jc_flops, jc_bytes), NVP: (nvp_flops, nvp_bytes)}
+
+
+def estimate_problem(
+    problem: KernelProblem,
+    kernel_fns: Mapping[NtkImplementation, Callable[..., Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> CostEstimate:
+    """Cost estimate of implementations 1, 2 and of every other one in ``kernel_fns``.
+
+    ``kernel_fns`` maps implementations to their kernel functions ``(x1, x2, params,
+    **kwargs)``; the lowered FLOPs of those without a formula here stand in for one.
+    """
+    costs = _modelled_costs(problem)
+    for impl, fn in (kernel_fns or {}).items():
+        if impl not in costs:
+            args = (problem.x1, problem.x2, problem.params)
+            flops = lowered_flops(fn, args, kwargs or {})
+            costs[impl] = (math.inf if flops is None else flops, 0.0)
     budget = float(memory_budget_bytes())
-    choice = decide((jc_flops, jc_bytes), (nvp_flops, nvp_bytes), budget)
-    return CostEstimate(jc_flops, jc_bytes, nvp_flops, nvp_bytes, budget, choice)
+    return CostEstimate(
+        {k: v[0] for k, v in costs.items()}, {k: v[1] for k, v in costs.items()}, budget
+    )
 
 
 def estimate_costs(
@@ -136,23 +184,7 @@ def estimate_costs(
     vmap_axes: Any = None,
     **apply_fn_kwargs: Any,
 ) -> CostEstimate:
-    """Estimated FLOPs and memory of both implementations for ``empirical_ntk_fn``'s call."""
+    """Estimated FLOPs and memory of implementations 1 and 2 for ``empirical_ntk_fn``'s call."""
     vmap = canonicalize_vmap_axes(vmap_axes)
     problem = make_problem(f, x1, x2, params, apply_fn_kwargs, trace_axes, diagonal_axes, vmap)
     return estimate_problem(problem)
-
-
-def choose_implementation(
-    f: Callable[..., Any],
-    x1: Any,
-    x2: Any | None,
-    params: Any,
-    trace_axes: Axes = (-1,),
-    diagonal_axes: Axes = (),
-    vmap_axes: Any = None,
-    **apply_fn_kwargs: Any,
-) -> NtkImplementation:
-    """The implementation AUTO uses for this call (for inspection, e.g. in benchmarks)."""
-    return estimate_costs(
-        f, x1, x2, params, trace_axes, diagonal_axes, vmap_axes, **apply_fn_kwargs
-    ).choice

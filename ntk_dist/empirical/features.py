@@ -5,6 +5,8 @@ Jacobians, one array per (output leaf, parameter leaf) flattened to ``out_shape 
 for the NNGP they are the outputs f(x) themselves (with a trailing axis of size 1). The
 kernel between two blocks is ``contract_features(features(x1), features(x2))``, so a tiler
 can compute each block's features once and reuse them across the tiles that need them.
+Structured derivatives (implementation 3) have their own features, inputs and output
+cotangents of dense and convolution weights (``ntk_dist.empirical.structured``).
 """
 
 from __future__ import annotations

@@ -8,13 +8,17 @@ import enum
 class NtkImplementation(enum.IntEnum):
     """Algorithm for the empirical NTK; values equal neural-tangents' so plain ints work too.
 
-    AUTO picks JACOBIAN_CONTRACTION or NTK_VECTOR_PRODUCTS from a FLOP/memory cost model
-    (see ``ntk_dist.empirical.cost_model``); the choice changes speed, never results.
+    AUTO ranks the others by a FLOP/memory cost model, times the best two on a small block
+    and caches the pick on disk (``ntk_dist.empirical.autotune``); the choice changes
+    speed, never results.
+    STRUCTURED_DERIVATIVES contracts dense and convolution weights through their inputs and
+    output cotangents (``ntk_dist.empirical.structured``).
     """
 
     AUTO = 0
     JACOBIAN_CONTRACTION = 1
     NTK_VECTOR_PRODUCTS = 2
+    STRUCTURED_DERIVATIVES = 3
 
 
 def canonicalize_implementation(implementation: object) -> NtkImplementation:

@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 
-from ntk_dist.empirical import jacobian_contraction, ntk_vector_products
+from ntk_dist.empirical import jacobian_contraction, ntk_vector_products, structured
+from ntk_dist.empirical.autotune import AutotuneSpec, tune
 from ntk_dist.empirical.axes import Axes
 from ntk_dist.empirical.batching import canonicalize_vmap_axes
-from ntk_dist.empirical.cost_model import estimate_problem
 from ntk_dist.empirical.features import contract_features_fn, nngp_features, ntk_features
 from ntk_dist.empirical.implementation import NtkImplementation, canonicalize_implementation
 from ntk_dist.empirical.problem import make_problem
@@ -27,6 +27,7 @@ _KERNEL_NAMES = ("nngp", "ntk")
 _IMPLEMENTATIONS = {
     NtkImplementation.JACOBIAN_CONTRACTION: jacobian_contraction.ntk,
     NtkImplementation.NTK_VECTOR_PRODUCTS: ntk_vector_products.ntk,
+    NtkImplementation.STRUCTURED_DERIVATIVES: structured.ntk,
 }
 
 
@@ -55,7 +56,7 @@ def _describe(
 ) -> Callable[..., Any]:
     """Attach what the kernel is, so tilers and stores need not guess it from shapes.
 
-    Kernels with per-block features (implementation 1, the NNGP) also carry
+    Kernels with per-block features (implementations 1 and 3, the NNGP) also carry
     ``.features(x, params, **kwargs)`` and ``.contract_features(features1, features2)``.
     """
     fn.kind = kind
@@ -78,19 +79,28 @@ def empirical_ntk_fn(
     of the outputs, with ``diagonal_axes`` kept once (an axis in both counts as traced).
     ``x2=None`` means x1 (one Jacobian). ``vmap_axes`` declares batch axes of independent
     examples (None for f whose examples interact, e.g. BatchNorm). ``implementation`` changes
-    speed, never results; AUTO decides once per input shapes and dtypes.
+    speed, never results; AUTO decides once per input shapes and dtypes
+    (:mod:`ntk_dist.empirical.autotune`).
     """
     impl = canonicalize_implementation(implementation)
     vmap = canonicalize_vmap_axes(vmap_axes)
     auto_choices: dict[Any, NtkImplementation] = {}
+    auto = None
+    if impl == NtkImplementation.AUTO:
+        candidates = {
+            i: empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, i)
+            for i in _IMPLEMENTATIONS
+        }
+        auto = AutotuneSpec(f, trace_axes, diagonal_axes, vmap_axes, candidates)
 
     def ntk_fn(x1: Any, x2: Any | None, params: Any, **apply_fn_kwargs: Any) -> Any:
         problem = make_problem(f, x1, x2, params, apply_fn_kwargs, trace_axes, diagonal_axes, vmap)
         chosen = impl
-        if impl == NtkImplementation.AUTO:
+        if auto is not None:
             key = _signature(x1, x2, params, apply_fn_kwargs)
             if key not in auto_choices:
-                auto_choices[key] = estimate_problem(problem).choice
+                decision = tune(auto, x1, x2, params, apply_fn_kwargs, problem=problem)
+                auto_choices[key] = decision.implementation
             chosen = auto_choices[key]
         kernels = _IMPLEMENTATIONS[chosen](problem)
         return jax.tree.unflatten(problem.out_tree, kernels)
@@ -98,6 +108,12 @@ def empirical_ntk_fn(
     if impl == NtkImplementation.JACOBIAN_CONTRACTION:
         ntk_fn.features = ntk_features(f, trace_axes, diagonal_axes, vmap)
         ntk_fn.contract_features = contract_features_fn(trace_axes, diagonal_axes)
+    elif impl == NtkImplementation.STRUCTURED_DERIVATIVES:
+        ntk_fn.features, ntk_fn.contract_features = structured.two_stage(
+            f, trace_axes, diagonal_axes, vmap
+        )
+    if auto is not None:
+        ntk_fn.autotune = auto  # lets compute_kernel tune for its tiles and run the pick
     return _describe(ntk_fn, "ntk", trace_axes, diagonal_axes, impl)
 
 
