@@ -135,6 +135,55 @@ def test_in_memory_and_library_kernel_functions(cluster, tmp_path):
     assert relative_error(store.to_numpy(), np.asarray(ntk_fn(x1, None, params))) < 1e-10
 
 
+def test_workers_take_row_panels_and_compute_each_row_block_once(cluster, tmp_path):
+    x1, x2, params = data(1, 12), data(2, 10), mlp_params(0)
+    ntk_fn = ntk_dist.empirical_ntk_fn(mlp, (), (), vmap_axes=0)  # per-block Jacobians
+    executor = RayExecutor()
+    store = within(
+        JOB_TIMEOUT,
+        compute_kernel,
+        ntk_fn,
+        x1,
+        x2,
+        params,
+        block_size=(3, 4),  # 4 row panels of 3 column tiles, the last 2 columns wide
+        store=str(tmp_path / "k.zarr"),
+        executor=executor,
+        progress=False,
+    )
+    oracle = np.asarray(make_kernel_fn("ntk", (), ())(x1, x2, params))
+    assert relative_error(store.to_numpy(), oracle) < 1e-10
+    assert relative_error(store.to_numpy(), np.asarray(ntk_fn(x1, x2, params))) < 1e-10
+    reuse = executor.reuse
+    assert reuse.mode == "panels" and executor.tiles_computed == 12
+    assert reuse.rows == 1.0  # each row block's Jacobians once, for its whole panel
+    assert 1.0 <= reuse.cols <= 2.0  # each worker computes a column block at most once
+    # each node took a whole panel: all tiles of a row block come from one node
+    nodes = {}
+    for (i, _), record in KernelStore.open(store.path).tile_records().items():
+        nodes.setdefault(i, set()).add(record["node"])
+    assert all(len(n) == 1 for n in nodes.values())
+    assert set().union(*nodes.values()) == alive_nodes()
+
+    # one row block, two workers: its panel is cut in two (one each), so its features are
+    # computed twice
+    x_test = data(3, 3)
+    mem = within(
+        JOB_TIMEOUT,
+        compute_kernel,
+        ntk_fn,
+        x_test,
+        x2,
+        params,
+        block_size=(3, 4),
+        executor=executor,
+        progress=False,
+    )
+    oracle = np.asarray(make_kernel_fn("ntk", (), ())(x_test, x2, params))
+    assert relative_error(mem, oracle) < 1e-10
+    assert executor.tiles_computed == 3 and executor.reuse.rows == 2.0
+
+
 def test_killed_worker_is_replaced_and_the_store_completes_correctly(cluster, tmp_path):
     kernel_fn = slow_kernel_fn(0.25)
     x, params = data(3, 24), mlp_params(1)
