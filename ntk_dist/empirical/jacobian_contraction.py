@@ -26,13 +26,13 @@ def contract(a: jax.Array, b: jax.Array, axes: KernelAxes) -> jax.Array:
     for the NNGP) are summed over.
     """
     extra = tuple(range(axes.ndim, a.ndim))
-    out = _batched_gemm(a, b, axes.trace + extra, axes.diagonal)
+    out = batched_gemm(a, b, axes.trace + extra, axes.diagonal)
     out = jnp.transpose(out, axes.layout_permutation())
     size = axes.trace_size(a.shape)
     return out if size == 1 else out / size
 
 
-def _batched_gemm(
+def batched_gemm(
     a: jax.Array, b: jax.Array, contracting: tuple[int, ...], batch: tuple[int, ...]
 ) -> jax.Array:
     """``dot_general`` of a and b over the same axes, as one batched matrix product.
@@ -56,7 +56,7 @@ def _batched_gemm(
     return product.reshape(shape)
 
 
-def _jacobian_fn(out_size: int, n_params: int) -> Any:
+def jacobian_fn(out_size: int, n_params: int) -> Any:
     return jax.jacrev if out_size <= n_params else jax.jacfwd
 
 
@@ -70,7 +70,7 @@ def jacobians(problem: KernelProblem, x: Any, kwargs: dict[str, Any]) -> list[li
     f, params, n_params = problem.f, problem.params, problem.n_params
     if problem.vmap is None:
         out_size = sum(math.prod(s) for s in problem.shapes1)
-        jac = _jacobian_fn(out_size, n_params)(lambda p: jax.tree.leaves(f(p, x, **kwargs)))
+        jac = jacobian_fn(out_size, n_params)(lambda p: jax.tree.leaves(f(p, x, **kwargs)))
         per_output = jac(params)
     else:
         out_axes = problem.out_axes
@@ -79,7 +79,7 @@ def jacobians(problem: KernelProblem, x: Any, kwargs: dict[str, Any]) -> list[li
         )
         batched, batched_axes, static = split_batched_kwargs(problem.vmap, kwargs)
         g = per_example_fn(f, problem.vmap, batched_axes, static, out_axes)
-        jac = _jacobian_fn(per_example_size, n_params)
+        jac = jacobian_fn(per_example_size, n_params)
 
         def one(x_one: Any, kwargs_one: dict[str, Any]) -> list[Any]:
             return jac(lambda p: g(p, x_one, kwargs_one))(params)

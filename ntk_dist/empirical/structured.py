@@ -36,7 +36,7 @@ from ntk_dist.empirical import jacobian_contraction
 from ntk_dist.empirical.axes import Axes, KernelAxes, resolve_axes
 from ntk_dist.empirical.batching import VmapAxes, per_example_fn, split_batched_kwargs
 from ntk_dist.empirical.features import contract_features_fn, ntk_features
-from ntk_dist.empirical.jacobian_contraction import _batched_gemm, _jacobian_fn, contract
+from ntk_dist.empirical.jacobian_contraction import batched_gemm, contract, jacobian_fn
 from ntk_dist.empirical.problem import KernelProblem, make_problem
 
 # Call primitives whose sub-jaxprs are evaluated inline, so that parameters reach the
@@ -345,7 +345,7 @@ def block_features(problem: KernelProblem, x: Any, kwargs: dict[str, Any]) -> St
     ]
     in_size = sum(math.prod(s.y_shape) for s in sites.values())
     in_size += sum(math.prod(np.shape(params[i])) for i in jacobian_leaves)
-    jac_fn = _jacobian_fn(sum(math.prod(s) for s in out_shapes), in_size)
+    jac_fn = jacobian_fn(sum(math.prod(s) for s in out_shapes), in_size)
 
     def one(x_one: Any, kwargs_one: dict[str, Any]) -> tuple[Any, ...]:
         def run(eps: dict[int, jax.Array], replaced: dict[int, jax.Array]) -> tuple[Any, Any]:
@@ -402,10 +402,10 @@ def _gram_term(
     p = with_positions.position(batch)
     shape = [1] * (gg.ndim - 2)
     if batch in diagonal:
-        xx = _batched_gemm(x1, x2, (2,), (0,))  # (n, s, t)
+        xx = batched_gemm(x1, x2, (2,), (0,))  # (n, s, t)
         shape[p] = xx.shape[0]
     else:
-        xx = jnp.transpose(_batched_gemm(x1, x2, (2,), ()), (0, 2, 1, 3))  # (n, m, s, t)
+        xx = jnp.transpose(batched_gemm(x1, x2, (2,), ()), (0, 2, 1, 3))  # (n, m, s, t)
         shape[p : p + 2] = xx.shape[:2]
     kernel = jnp.sum(gg * xx.reshape((*shape, *xx.shape[-2:])), axis=(-2, -1))
     return jnp.mean(kernel, axis=p) if traced else kernel
