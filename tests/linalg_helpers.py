@@ -78,3 +78,16 @@ def store_kernel(path, k, block, dtype=np.float64, symmetric=True):
 
 def rel(a, b):
     return np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+
+
+def write_low_rank_kernel(path, g_rows, g_cols, shift, block=512):
+    """Store ``shift * I + G_rows G_cols^T / rank`` tile by tile (never the whole matrix)."""
+    symmetric = g_rows is g_cols
+    plan = TilePlan(len(g_rows), len(g_cols), (min(block, len(g_rows)), block), symmetric=symmetric)
+    store = KernelStore.create(path, plan=plan, dtype=np.float64, fingerprint="test")
+    for t in plan:
+        k = g_rows[t.rows] @ g_cols[t.cols].T / g_rows.shape[1]
+        if symmetric and t.i == t.j:
+            k[np.diag_indices(len(k))] += shift
+        store.write_tile(t, k)
+    return store

@@ -3,8 +3,9 @@
 For each N a float64 SPD kernel is written to a store in a temporary folder, then:
 
 - **tiled Cholesky ÷ numpy.linalg.cholesky**, in core (a bound of ``IN_CORE_COPIES``
-  matrices) and out of core (a bound of a quarter of the matrix); every run factorises
-  afresh (the stored factor is deleted first);
+  matrices) and out of core (a bound of a quarter of the matrix; its tile kernels on the
+  host or on the devices, ``--tile-backend``); every run factorises afresh (the stored
+  factor is deleted first); ``--progress`` prints the tiled factorisations' progress;
 - **stored eigh ÷ numpy.linalg.eigh** (in core: the distributed eigh lives in
   :mod:`ntk_dist.linalg.eigh`);
 - **one more prediction once the eigenbasis is stored**: a new ``gradient_descent_mse``
@@ -36,7 +37,7 @@ import numpy as np
 
 from ntk_dist.bench import format_ratio_table, medians_in_turns, ratio_row
 from ntk_dist.linalg import StoredKernelOperator
-from ntk_dist.linalg.cholesky import IN_CORE_COPIES
+from ntk_dist.linalg.cholesky import IN_CORE_COPIES, TILE_BACKENDS, choose_tile_backend
 from ntk_dist.predict import gradient_descent_mse
 from ntk_dist.store import KernelStore
 from ntk_dist.tiling import TilePlan
@@ -59,23 +60,29 @@ def _where() -> str:
     return f"{len(devices)} {devices[0].platform} device(s), {os.cpu_count()} cores"
 
 
-def bench_cholesky(path: Path, n: int, repeats: int) -> list[dict]:
+def bench_cholesky(
+    path: Path, n: int, repeats: int, tile_backend: str = "auto", progress: bool = False
+) -> list[dict]:
     """Tiled Cholesky of a stored N x N kernel ÷ numpy's, in core and at a bound of matrix/4."""
     store = _store(path, n, 512)
     dense = store.to_numpy()
     matrix = n * n * 8
+    backend = choose_tile_backend(tile_backend, jax.local_devices())
 
     def factorise(bound: int) -> Callable[[], object]:
         def job() -> object:
             shutil.rmtree(path / _FACTORS, ignore_errors=True)
-            return StoredKernelOperator(store, memory_bound=bound).cholesky()
+            op = StoredKernelOperator(
+                store, memory_bound=bound, tile_backend=tile_backend, progress=progress
+            )
+            return op.cholesky()
 
         return job
 
     rows = []
     for label, bound in [
         ("in core", IN_CORE_COPIES * matrix),
-        ("out of core", matrix // 4),
+        (f"out of core ({backend} tile kernels)", matrix // 4),
     ]:
         t = medians_in_turns(
             {"lapack": lambda: np.linalg.cholesky(dense), "ours": factorise(bound)}, repeats
@@ -141,13 +148,19 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_linalg(cholesky_n: list[int], eigh_n: list[int], repeats: int = 1) -> list[dict]:
-    """Every measurement; one row each (measure, setup, seconds, baseline_seconds, ratio, goal)."""
+def bench_linalg(
+    cholesky_n: list[int],
+    eigh_n: list[int],
+    repeats: int = 1,
+    tile_backend: str = "auto",
+    progress: bool = False,
+) -> list[dict]:
+    """Every measurement, sizes in turn; one row each (measure, setup, seconds, ratio...)."""
     jax.config.update("jax_enable_x64", True)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for n in cholesky_n:
-            rows += bench_cholesky(Path(folder) / f"chol{n}", n, repeats)
+            rows += bench_cholesky(Path(folder) / f"chol{n}", n, repeats, tile_backend, progress)
         for n in eigh_n:
             rows += bench_eigh(Path(folder) / f"eigh{n}", n, repeats)
     return rows
@@ -159,6 +172,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cholesky-n", type=int, nargs="*", default=[4096, 8192])
     parser.add_argument("--eigh-n", type=int, nargs="*", default=[2048, 4096])
     parser.add_argument("--repeats", type=int, default=1, help="runs per timing (median)")
+    parser.add_argument(
+        "--tile-backend",
+        choices=TILE_BACKENDS,
+        default="auto",
+        help="where the out-of-core Cholesky's tile kernels run (auto: host on CPU devices)",
+    )
+    parser.add_argument(
+        "--progress", action="store_true", help="print the tiled factorisations' progress"
+    )
     parser.add_argument(
         "--devices",
         type=int,
@@ -177,6 +199,7 @@ def _in_subprocess(args: argparse.Namespace) -> int:
     ).strip()
     argv = ["bench", "linalg", "--repeats", str(args.repeats), "--devices", str(args.devices)]
     argv += ["--cholesky-n", *map(str, args.cholesky_n), "--eigh-n", *map(str, args.eigh_n)]
+    argv += ["--tile-backend", args.tile_backend] + (["--progress"] if args.progress else [])
     argv += ["--json", args.json] if args.json else []
     proc = subprocess.run([sys.executable, "-m", "ntk_dist.cli", *argv], env=env)
     return proc.returncode
@@ -190,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"jax {jax.__version__} on {_where()}")
     if args.devices is not None and args.devices > (os.cpu_count() or 1):
         print(f"note: {args.devices} simulated devices share {os.cpu_count()} cores")
-    rows = bench_linalg(args.cholesky_n, args.eigh_n, args.repeats)
+    rows = bench_linalg(
+        args.cholesky_n, args.eigh_n, args.repeats, args.tile_backend, args.progress
+    )
     print(format_ratio_table(rows, digits=3))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -6,7 +6,8 @@ odd axes the second. Its 2-D form moves the even axes first and flattens each gr
 giving a ``(N1*A1*B1..., N2*A2*B2...)`` matrix.
 
 :class:`KernelOperator` is abstract; :class:`DenseKernelOperator` holds the matrix in
-memory and :class:`~ntk_dist.linalg.stored.StoredKernelOperator` streams it from a
+memory (on one device, or a ``jax.Array`` sharded over several, each multiplying its
+own rows in products) and :class:`~ntk_dist.linalg.stored.StoredKernelOperator` streams it from a
 :class:`~ntk_dist.store.KernelStore`. Factorisations are returned as
 :class:`CholeskyFactor` and :class:`Eigendecomposition` objects, whose solves and
 spectral products work the same whether the factor is in memory or on disk.
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 import abc
 import collections
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 from jax.scipy.linalg import cho_solve
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 Shape = tuple[int, ...]
 
@@ -58,13 +62,34 @@ def check_layout(shape: Shape, name: str) -> None:
         )
 
 
+def _spread(matrix: jax.Array) -> NamedSharding | None:
+    """The sharding of a matrix laid out over several devices of a mesh, else None."""
+    sharding = getattr(matrix, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+        return sharding
+    return None
+
+
+def _two_d(sharding: NamedSharding) -> NamedSharding:
+    """The 2-D form's sharding: rows as the kernel's N1 axis, columns as its N2 axis."""
+    spec = tuple(sharding.spec) + (None, None)
+    return NamedSharding(sharding.mesh, PartitionSpec(spec[0], spec[1]))
+
+
 def make_2d(kernel: jax.Array) -> jax.Array:
-    """Reshape a kernel of layout ``(N1, N2, A1, A2, ...)`` into a 2-D matrix."""
+    """Reshape a kernel of layout ``(N1, N2, A1, A2, ...)`` into a 2-D matrix.
+
+    A kernel sharded over a mesh along ``N1`` (``N2``) stays sharded along rows (columns).
+    """
     kernel = jnp.asarray(kernel)
     check_layout(kernel.shape, "kernel")
     even, odd = kernel.shape[0::2], kernel.shape[1::2]
     order = tuple(range(0, kernel.ndim, 2)) + tuple(range(1, kernel.ndim, 2))
-    return jnp.transpose(kernel, order).reshape(math.prod(even), math.prod(odd))
+    moved, shape = jnp.transpose(kernel, order), (math.prod(even), math.prod(odd))
+    sharding = _spread(kernel)
+    if sharding is None or AxisType.Explicit not in sharding.mesh.axis_types:
+        return moved.reshape(shape)  # Auto meshes: the compiler carries the sharding over
+    return jax.lax.reshape(moved, shape, out_sharding=_two_d(sharding))
 
 
 def make_2d_numpy(block: np.ndarray) -> np.ndarray:
@@ -223,7 +248,15 @@ class KernelOperator(abc.ABC):
 
 
 class DenseKernelOperator(KernelOperator):
-    """:class:`KernelOperator` over a kernel held in memory as one array."""
+    """:class:`KernelOperator` over a kernel held in memory as one array.
+
+    The array may be a ``jax.Array`` sharded over several devices (e.g. its rows over a
+    mesh axis): products are then compiled for its sharding, each device multiplying its
+    own rows by the replicated right-hand side (only the small product is gathered, never
+    the kernel); the diagonal and shifted kernels stay sharded. JAX has no distributed
+    Cholesky or eigh (on a sharded array they gather it anyway, or refuse to on Explicit
+    meshes), so the factorisations gather the kernel onto its first device explicitly.
+    """
 
     def __init__(self, matrix: jax.Array, row_shape: Shape, col_shape: Shape):
         matrix = jnp.asarray(matrix)
@@ -241,10 +274,24 @@ class DenseKernelOperator(KernelOperator):
         return cls(make_2d(kernel), kernel.shape[0::2], kernel.shape[1::2])
 
     def matmul(self, rhs: jax.Array) -> jax.Array:
-        return _matmul(self.matrix, rhs)
+        sharding = _spread(self.matrix)
+        if sharding is None:
+            return _matmul(self.matrix, rhs)
+        rhs = jax.device_put(rhs, NamedSharding(sharding.mesh, PartitionSpec()))
+        return _sharded_matmul(sharding)(self.matrix, rhs)
 
     def diagonal(self) -> jax.Array:
-        return jnp.diagonal(self.matrix)
+        if _spread(self.matrix) is None:
+            return jnp.diagonal(self.matrix)
+        return _masked_diagonal(self.matrix)  # a gather would need collectives on a mesh
+
+    def _on_one_device(self) -> jax.Array:
+        """The matrix, gathered onto its first device if it is sharded (for factorising)."""
+        sharding = _spread(self.matrix)
+        if sharding is None:
+            return self.matrix
+        first = jax.sharding.SingleDeviceSharding(sharding.mesh.devices.flat[0])
+        return jax.device_put(self.matrix, first)  # a bare device would keep the mesh type
 
     def to_dense(self) -> jax.Array:
         return self.matrix
@@ -259,11 +306,11 @@ class DenseKernelOperator(KernelOperator):
 
     def _eigendecomposition(self) -> Eigendecomposition:
         self.factorizations["eigh"] += 1
-        return DenseEigendecomposition(*jnp.linalg.eigh(self.matrix))
+        return DenseEigendecomposition(*jnp.linalg.eigh(self._on_one_device()))
 
     def _cholesky_factor(self) -> CholeskyFactor:
         self.factorizations["cholesky"] += 1
-        lower = jnp.linalg.cholesky(self.matrix)
+        lower = jnp.linalg.cholesky(self._on_one_device())
         if not bool(jnp.all(jnp.isfinite(lower))):
             pivot = failing_pivot(np.asarray(self.matrix))
             raise NotPositiveDefiniteError(-1 if pivot is None else pivot, self.shape)
@@ -271,3 +318,19 @@ class DenseKernelOperator(KernelOperator):
 
 
 _matmul = jax.jit(jnp.matmul)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_matmul(sharding: NamedSharding) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``K @ rhs`` compiled for ``K`` with ``sharding``: each device multiplies its own rows.
+
+    Only the ``(rows, C)`` product is gathered (replicated over the mesh, so that the
+    predictors' reshapes work on Explicit meshes too); the kernel never moves.
+    """
+    return jax.jit(jnp.matmul, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+@jax.jit
+def _masked_diagonal(matrix: jax.Array) -> jax.Array:
+    eye = jnp.eye(*matrix.shape, dtype=bool)
+    return jnp.sum(jnp.where(eye, matrix, 0), axis=1)
