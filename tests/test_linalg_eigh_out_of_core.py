@@ -56,6 +56,9 @@ def test_out_of_core_eigh_of_a_store_matches_lapack_and_is_reused(tmp_path, name
     assert isinstance(eig, StoredEigendecomposition)
     assert op.factorizations == {"eigh": 1}
     check(a, np.asarray(eig.values), eig.vectors_dense())
+    assert not (
+        tmp_path / "k" / "ntk_dist_linalg" / f"{op.factor_name('eigenvectors')}-scratch"
+    ).exists()
     again = StoredKernelOperator(KernelStore.open(tmp_path / "k"), memory_bound=bound)
     again.eigh()
     assert again.factorizations == {} and again.reused == {"eigh": 1}
@@ -99,14 +102,16 @@ from linalg_helpers import ntk_train, to_2d
 from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
 assert len(jax.local_devices()) == 4
 a = to_2d(ntk_train(50, seed=3))
-w, v = divide_and_conquer_eigh(lambda r, c: a[r, c], 100, np.float64, 30, 4 * 70 * 70 * 8)
+# the jitted JAX tile kernels, round robin over the 4 devices (the path for GPUs and TPUs)
+w, v = divide_and_conquer_eigh(lambda r, c: a[r, c], 100, np.float64, 30, 4 * 70 * 70 * 8,
+                               kernels="device")
 norm = np.linalg.norm(a, 2)
 print(np.linalg.norm(a @ v - v * w) / norm, np.linalg.norm(v.T @ v - np.eye(100)),
       np.abs(w - np.linalg.eigvalsh(a)).max() / norm)
 """
 
 
-def test_out_of_core_eigh_on_four_cpu_devices():
+def test_out_of_core_eigh_with_jax_tile_kernels_on_four_cpu_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env["JAX_PLATFORMS"] = "cpu"
     tests = os.path.dirname(__file__)

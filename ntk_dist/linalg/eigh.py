@@ -10,12 +10,15 @@ Later runs read them back; :class:`StoredEigendecomposition` applies
 Out of core (``IN_CORE_COPIES`` copies do not fit the bound): spectral divide and
 conquer with tiled QDWH polar decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch
 tiles of the tiled Cholesky's size; the eigenvectors are written block row by block row
-into the same stored layout, so later runs cannot tell the two paths apart.
+into the same stored layout, so later runs cannot tell the two paths apart. The scratch
+folder (:func:`default_scratch_dir`, beside the factors) keeps a ledger of finished
+splits and blocks, so an interrupted eigh resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,10 +28,13 @@ import numpy as np
 from ntk_dist.linalg import qdwh
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
+from ntk_dist.linalg.tiled import TileRunner
+from ntk_dist.store import KernelStore
 
 __all__ = [
     "IN_CORE_COPIES",
     "StoredEigendecomposition",
+    "default_scratch_dir",
     "fits_in_core",
     "is_complete",
     "out_of_core_eigh",
@@ -51,8 +57,16 @@ def out_of_core_eigh(
     values_store: FactorStore,
     vectors_store: FactorStore,
     devices: Sequence[jax.Device] | None = None,
+    scratch_dir: str | None = None,
+    runner: TileRunner | None = None,
 ) -> None:
-    """Store the eigendecomposition of the ``n x n`` matrix ``read(rows, cols)`` out of core."""
+    """Store the eigendecomposition of the ``n x n`` matrix ``read(rows, cols)`` out of core.
+
+    ``scratch_dir`` holds the tiles and the ledger of finished splits and blocks (at most
+    :func:`~ntk_dist.linalg.qdwh.scratch_bytes`, 12 N^2 x itemsize, of disk); a rerun with
+    the same folder after a kill skips what is recorded there. It is removed at the end.
+    ``runner`` runs the tile jobs (default: this process; ``RayRunner`` for a cluster).
+    """
     tile = vectors_store.array.chunk_layout.read_chunk.shape[0]
     qdwh.divide_and_conquer_eigh(
         read,
@@ -65,7 +79,20 @@ def out_of_core_eigh(
             f"rows_{rows.start // tile}", (rows, slice(None)), panel
         ),
         values_out=lambda values: values_store.write("values", (slice(None),), values),
+        scratch_dir=scratch_dir,
+        runner=runner,
     )
+
+
+def default_scratch_dir(store: KernelStore, name: str) -> str | None:
+    """``<store>/ntk_dist_linalg/<name>-scratch`` for a store on local disk, else None.
+
+    Beside the factor (not inside it: creating the factor clears its folder), so that a
+    killed out-of-core eigh of the same kernel resumes from it.
+    """
+    if store.kvstore_spec.get("driver") != "file":
+        return None
+    return os.path.join(store.path, "ntk_dist_linalg", f"{name}-scratch")
 
 
 def write_eigh(

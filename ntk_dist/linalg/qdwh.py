@@ -4,46 +4,71 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 
 1. pick a split point ``σ`` in a wide, balanced gap of the spectrum of a sampled
    principal block (Cauchy interlacing bounds the split), then other candidates;
-2. polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / sqrt(|A|_1 |A|_inf)``
-   with dynamic weights from the lower bound ``l0 = eps``: while ``c > 100`` the
-   QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
+2. polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / |A - σI|_F`` with
+   dynamic weights from the lower bound ``l0 = eps``: while ``c > 100`` the QR-based
+   step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
    ``cond <= eps^-1/2``), then the Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}``
-   with ``Z = I + c X^T X``; stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``;
+   with ``Z = I + c X^T X``; stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
+   scaling, combination and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
-   orthonormal bases of ``range(P)`` and ``range(I - P)`` come from two steps of subspace
-   iteration from random starts, each orthonormalised by shifted CholeskyQR then CholeskyQR2;
+   orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
+   ``(I - P) Ω'`` (Gaussian ``Ω``, ``Ω'``) by CholeskyQR2 (shifted CholeskyQR3 if that
+   breaks down), with one more subspace-iteration step only if the check below fails;
 4. the split is accepted only if the bases are orthogonal to each other and the coupling
    ``Q_2^T A Q_1`` is below ``tol |A|_F`` (else the next ``σ``): degenerate or clustered
    spectra cannot produce a wrong result, only another try;
-5. recurse on ``Q_i^T A Q_i`` until a block fits in core (``jnp.linalg.eigh``) and
-   assemble eigenvectors ``[Q_2 V_2, Q_1 V_1]`` by tiled products.
+5. recurse on ``Q_i^T A Q_i`` until a block fits in core (LAPACK's dsyevr on the host,
+   two copies of the block; ``jnp.linalg.eigh`` on a device) or is a multiple of
+   ``I``; a block's eigenvectors are kept as column parts ``Q_i V_part`` (one per leaf),
+   so nothing is ever written at an unaligned column offset.
 
-Every matrix is a :class:`~ntk_dist.linalg.tiled.Tiled` on scratch disk; tiles follow the
-tiled Cholesky's size for the memory bound.
+Every matrix is a :class:`~ntk_dist.linalg.tiled.Tiled` in a scratch folder; the
+products and solves run as tile-row jobs through a runner (this process, or Ray
+tasks). A ledger in the scratch folder records the input copy, each accepted split
+(its bases and sub-blocks) and each finished block (its eigenvector parts and
+eigenvalues); a rerun with the same ``scratch_dir`` after a kill skips all of them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
 
-__all__ = ["SplitFailedError", "divide_and_conquer_eigh", "polar_factor"]
+__all__ = ["SplitFailedError", "divide_and_conquer_eigh", "polar_factor", "scratch_bytes"]
 
 IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, workspace
+HOST_LEAF_COPIES = 2  # a host leaf: the block, overwritten by LAPACK's dsyevr, and V
+SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see scratch_bytes)
 _QR_CUTOFF = 100.0
 _MAX_ITERATIONS = 30
 _SPLIT_TRIES = 6
+_IDENTITY = "identity"  # an eigenvector part equal to I (a block that is a multiple of I)
 
 
 class SplitFailedError(RuntimeError):
     """No split point gave an accurate spectral split of a block."""
+
+
+def scratch_bytes(n: int, itemsize: int) -> int:
+    """Disk the scratch folder of an ``n x n`` out-of-core eigh needs at most, in bytes.
+
+    The input copy, the current block's bases and sub-blocks down the recursion
+    (geometric: at most twice the top level's) and the QDWH iterates in flight.
+    """
+    return SCRATCH_MATRICES * n * n * itemsize
 
 
 def _coefficients(lo: float) -> tuple[float, float, float, float]:
@@ -57,101 +82,203 @@ def _coefficients(lo: float) -> tuple[float, float, float, float]:
     return a, b, c, min(1.0, lo * (a + b * l2) / (1 + c * l2))
 
 
-def _qr_step(x: tl.Tiled, a: float, b: float, c: float) -> tl.Tiled:
-    """QR-based QDWH step with the QR of ``[sqrt(c) X; I]`` by CholeskyQR2."""
-    sc, n = x.scratch, x.shape[0]
-    z = tl.matmul(x, x, trans_a=True)
-    z.map_tiles(lambda t, r, cs: c * t + (np.eye(t.shape[0]) if r == cs else 0))
-    l1 = tl.cholesky(z)
-    q1 = x.combine(x, math.sqrt(c), 0.0)  # sqrt(c) X L1^{-T}
-    tl.solve_right(q1, l1, transpose=True)
-    q2 = sc.identity(n)  # L1^{-T}
-    tl.solve_right(q2, l1, transpose=True)
-    g = tl.matmul(q1, q1, trans_a=True)
-    g.combine(tl.matmul(q2, q2, trans_a=True), 1.0, 1.0, out=g)
-    l2 = tl.cholesky(g)
-    tl.solve_right(q1, l2, transpose=True)
-    tl.solve_right(q2, l2, transpose=True)
-    out = tl.matmul(q1, q2, trans_b=True)
-    out.combine(x, (a - b / c) / math.sqrt(c), b / c, out=out)
-    for m in (z, l1, q1, q2, g, l2):
-        m.release()
-    return out
+@dataclass
+class _Context:
+    """What every step of one eigh shares: scratch folder, runner, ledger, bound, tolerances."""
+
+    folder: str
+    tile: int
+    dtype: np.dtype
+    memory_bound: int
+    tol: float
+    runner: tl.TileRunner
+    device: jax.Device | None  # in-core leaves on this JAX device, else host LAPACK
+    progress: Callable[[str], None] | None
+    scale: float = 1.0
+    temps: int = 0
+    recorded: list[str] = field(default_factory=list)
+
+    # ----------------------------------------------------------- matrices
+    def matrix(self, name: str, rows: int, cols: int, triangle: str | None = None) -> tl.Tiled:
+        path = os.path.join(self.folder, name)
+        return tl.Tiled(path, rows, cols, self.tile, self.dtype.name, triangle)
+
+    def temp(self, rows: int, cols: int, triangle: str | None = None) -> tl.Tiled:
+        self.temps += 1
+        return self.matrix(f"tmp/{self.temps}", rows, cols, triangle).create()
+
+    # ------------------------------------------------------------- ledger
+    def done(self, key: str) -> dict | None:
+        path = os.path.join(self.folder, "ledger", key + ".json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def record(self, key: str, info: dict) -> None:
+        """Record ``key`` as finished (atomically: a killed write leaves no entry)."""
+        path = os.path.join(self.folder, "ledger", key + ".json")
+        with open(path + ".part", "w") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".part", path)
+        self.recorded.append(key)
+        if self.progress is not None:
+            self.progress(key)
+
+    # --------------------------------------------------------------- jobs
+    def product(
+        self,
+        term: tl.Term,
+        out: tl.Tiled | None,
+        lower: bool = False,
+        add: tl.Tiled | None = None,
+        beta: float = 0.0,
+        gamma: float = 0.0,
+    ) -> tl.Reductions:
+        rows = term.a.grid[1] if term.trans_a else term.a.grid[0]
+        jobs = [tl.ProductJob(term, out, i, lower, add, beta, gamma) for i in range(rows)]
+        return self.runner.run(jobs)
+
+    def solve(
+        self,
+        x: tl.Tiled | None,
+        factors: Sequence[tuple[tl.Tiled, bool]],
+        out: tl.Tiled,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+    ) -> tl.Reductions:
+        jobs = [tl.SolveJob(x, tuple(factors), out, i, alpha, beta) for i in range(out.grid[0])]
+        return self.runner.run(jobs)
+
+    def combine(self, a: tl.Tiled, out: tl.Tiled | None, alpha: float, gamma: float) -> float:
+        """``out = alpha A + gamma I``; returns ``|alpha A + gamma I|_F^2``."""
+        jobs = [tl.CombineJob(a, out, i, alpha, gamma) for i in range(a.grid[0])]
+        return self.runner.run(jobs)["sumsq"]
+
+    def random(self, rows: int, cols: int, seed: int) -> tl.Tiled:
+        out = self.temp(rows, cols)
+        self.runner.run([tl.RandomJob(out, i, seed) for i in range(out.grid[0])])
+        return out
+
+    def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Tiled:
+        return tl.cholesky(z, self.temp(z.rows, z.cols), shift)
 
 
-def _cholesky_step(x: tl.Tiled, a: float, b: float, c: float) -> tl.Tiled:
-    """Cholesky-based QDWH step ``(b/c) X + (a - b/c) X (I + c X^T X)^{-1}``."""
-    z = tl.matmul(x, x, trans_a=True)
-    z.map_tiles(lambda t, r, cs: c * t + (np.eye(t.shape[0]) if r == cs else 0))
-    lower = tl.cholesky(z)
-    y = x.combine(x, 1.0, 0.0)
-    tl.solve_right(y, lower, transpose=True)
-    tl.solve_right(y, lower, transpose=False)
-    y.combine(x, a - b / c, b / c, out=y)
-    z.release()
-    lower.release()
-    return y
+# ------------------------------------------------------------------------ QDWH
+def polar_factor(ctx: _Context, x: tl.Tiled, scale: float) -> tuple[tl.Tiled, float, int]:
+    """Unitary polar factor of ``x`` by QDWH; it, its trace and the step count.
 
-
-def polar_factor(x: tl.Tiled) -> tuple[tl.Tiled, int]:
-    """Unitary polar factor of a symmetric tiled matrix by QDWH; returns it and the step count."""
-    eps = float(np.finfo(x.scratch.dtype).eps)
-    scale = x.max_abs_row_sum()  # |X|_1 = |X|_inf for symmetric X, >= |X|_2
-    u = x.combine(x, 1.0 / scale if scale else 1.0, 0.0)
+    ``scale >= |x|_2``: the iteration starts from ``x / scale`` (the division is fused
+    into the first step). ``x`` is consumed (released).
+    """
+    n, w = x.rows, 1.0 / scale
+    eps = float(np.finfo(ctx.dtype).eps)
     lo, tol = eps, (5 * eps) ** (1 / 3)
     for step in range(1, _MAX_ITERATIONS + 1):
         a, b, c, l_next = _coefficients(lo) if lo < 1 - 10 * eps else (3.0, 1.0, 3.0, 1.0)
-        new = _qr_step(u, a, b, c) if c > _QR_CUTOFF else _cholesky_step(u, a, b, c)
-        new.symmetrize()
-        change = new.combine(u, 1.0, -1.0)
-        delta = change.norm()
-        change.release()
-        u.release()
-        u, lo = new, l_next
-        if lo >= 1 - 10 * eps and delta <= tol:
-            return u, step
+        z = ctx.temp(n, n)
+        ctx.product(tl.Term(x, x, c * w * w, trans_a=True), z, lower=True, gamma=1.0)
+        try:
+            l1 = ctx.cholesky(z)
+        finally:
+            z.release()
+        new = ctx.temp(n, n)
+        if c > _QR_CUTOFF:  # QR of [sqrt(c) X; I] by CholeskyQR2
+            q1, q2 = ctx.temp(n, n), ctx.temp(n, n, "upper")
+            ctx.solve(x, [(l1, True)], q1, alpha=math.sqrt(c) * w)  # sqrt(c) X L1^-T
+            ctx.solve(None, [(l1, True)], q2)  # L1^-T
+            l1.release()
+            g = ctx.temp(n, n)
+            ctx.product(tl.Term(q1, q1, trans_a=True), g, lower=True)
+            ctx.product(tl.Term(q2, q2, trans_a=True), g, lower=True, add=g, beta=1.0)
+            try:
+                l2 = ctx.cholesky(g)
+            finally:
+                g.release()
+            ctx.solve(q1, [(l2, True)], q1)
+            ctx.solve(q2, [(l2, True)], q2)
+            l2.release()
+            weight = (a - b / c) / math.sqrt(c)
+            sums = ctx.product(tl.Term(q1, q2, weight, trans_b=True), new, add=x, beta=b / c * w)
+            q1.release()
+            q2.release()
+        else:  # (b/c) X + (a - b/c) X L^-T L^-1
+            sums = ctx.solve(
+                x, [(l1, True), (l1, False)], new, alpha=(a - b / c) * w, beta=b / c * w
+            )
+            l1.release()
+        x.release()
+        x, lo, w = new, l_next, 1.0
+        if lo >= 1 - 10 * eps and math.sqrt(sums["diffsq"]) <= tol:
+            return x, sums["trace"], step
+    x.release()
     raise SplitFailedError(f"QDWH did not converge in {_MAX_ITERATIONS} steps")
 
 
-def _orthonormal(y: tl.Tiled, passes: tuple[bool, ...]) -> tl.Tiled:
-    """Orthonormal basis of ``range(y)`` by CholeskyQR passes (True: shifted, for rank safety)."""
-    m, k = y.shape
-    eps = float(np.finfo(y.scratch.dtype).eps)
-    q = y.combine(y, 1.0, 0.0)
+def _orthonormalize(ctx: _Context, y: tl.Tiled, passes: Sequence[bool]) -> None:
+    """In place: ``y <- y R^{-1}`` by CholeskyQR passes (True: shifted, for rank safety)."""
+    m, k = y.rows, y.cols
+    eps = float(np.finfo(ctx.dtype).eps)
     for shifted in passes:
-        g = tl.matmul(q, q, trans_a=True)
-        if shifted:
-            shift = 11 * (m * k + k * (k + 1)) * eps * g.trace()
-            g.map_tiles(lambda t, r, c, s=shift: t + (s * np.eye(t.shape[0]) if r == c else 0))
-        lower = tl.cholesky(g)
-        tl.solve_right(q, lower, transpose=True)
-        g.release()
+        g = ctx.temp(k, k)
+        sums = ctx.product(tl.Term(y, y, trans_a=True), g, lower=True)
+        shift = 11 * (m * k + k * (k + 1)) * eps * sums["trace"] if shifted else 0.0
+        try:
+            lower = ctx.cholesky(g, shift)
+        finally:
+            g.release()
+        ctx.solve(y, [(lower, True)], y)
         lower.release()
-    return q
 
 
-def _range_basis(p: tl.Tiled, k: int, seed: int) -> tl.Tiled:
-    """Orthonormal ``n x k`` basis of the range of the rank-``k`` projector ``p``.
+def _range_bases(
+    ctx: _Context, a: tl.Tiled, u: tl.Tiled, k: int, seed: int
+) -> tuple[tl.Tiled, tl.Tiled, tl.Tiled] | None:
+    """``(Q_below, Q_above, A Q_above)`` for the polar factor ``u`` of ``A - σI``, or None.
 
-    Two subspace-iteration steps: ``P Ω`` (as ill-conditioned as a k x k Gaussian) by
-    shifted CholeskyQR then CholeskyQR; ``P Q`` (well conditioned) by one CholeskyQR.
+    None if the bases are not orthogonal to each other or do not split ``A`` to the
+    tolerance after one subspace-iteration step and one refinement.
     """
-    sc, n = p.scratch, p.shape[0]
-    rng = np.random.default_rng(seed)
-    start = sc.new(n, k)
-    start.map_tiles(lambda t, r, c: rng.standard_normal(t.shape))
-    q = start
-    for passes in ((True, False), (False,)):
-        y = tl.matmul(p, q)
-        q.release()
-        q = _orthonormal(y, passes)
-        y.release()
-    return q
-
-
-def _in_core(a: tl.Tiled, memory_bound: int) -> bool:
-    n = a.shape[0]
-    return IN_CORE_COPIES * n * n * a.scratch.dtype.itemsize <= memory_bound
+    n = a.rows
+    bases = []
+    for sign, cols, offset in ((-0.5, n - k, 1), (0.5, k, 0)):  # (I - P) Ω', P Ω
+        omega = ctx.random(n, cols, seed + offset)
+        y = ctx.temp(n, cols)
+        ctx.product(tl.Term(u, omega, sign), y, add=omega, beta=0.5)
+        omega.release()
+        bases.append(y)
+    below, above = bases
+    try:
+        for refine in (False, True):
+            for q in (below, above):
+                if refine:  # one more step of subspace iteration: q <- P q (or (I - P) q)
+                    y = ctx.temp(q.rows, q.cols)
+                    sign = 0.5 if q is above else -0.5
+                    ctx.product(tl.Term(u, q, sign), y, add=q, beta=0.5)
+                    os.replace(y.path, q.path)
+                if refine:
+                    _orthonormalize(ctx, q, (False,))
+                    continue
+                try:  # CholeskyQR2: P Ω is as well conditioned as a square Gaussian matrix
+                    _orthonormalize(ctx, q, (False, False))
+                except NotPositiveDefiniteError:  # unless unlucky: shifted CholeskyQR3
+                    _orthonormalize(ctx, q, (True, False, False))
+            aq = ctx.temp(n, k)
+            ctx.product(tl.Term(a, above), aq)
+            cross = ctx.product(tl.Term(below, above, trans_a=True), None)["sumsq"]
+            coupling = ctx.product(tl.Term(below, aq, trans_a=True), None)["sumsq"]
+            if math.sqrt(cross) <= ctx.tol * math.sqrt(n) and math.sqrt(coupling) <= (
+                ctx.tol * ctx.scale
+            ):
+                return below, above, aq
+            aq.release()
+    except NotPositiveDefiniteError:  # a rank-deficient start: the projector was not clean
+        pass
+    below.release()
+    above.release()
+    return None
 
 
 def _split_points(a: tl.Tiled, memory_bound: int) -> list[float]:
@@ -162,10 +289,17 @@ def _split_points(a: tl.Tiled, memory_bound: int) -> list[float]:
     eigenvalues of ``A`` below it. Gaps are ranked by relative width times
     ``min(j, m - j)``: balanced splits away from clusters first; then diagonal statistics.
     """
-    n = a.shape[0]
-    m = math.isqrt(memory_bound // (IN_CORE_COPIES * a.scratch.dtype.itemsize))
+    n, b = a.rows, a.tile
+    m = math.isqrt(memory_bound // (IN_CORE_COPIES * np.dtype(a.dtype).itemsize))
     index = np.unique(np.linspace(0, n - 1, min(n, max(m, 2))).round().astype(int))
-    mu = np.linalg.eigvalsh(np.array(a.data[np.ix_(index, index)]))
+    sample = np.empty((len(index), len(index)), a.dtype)
+    for i in np.unique(index // b):  # a tile at a time
+        rows = index // b == i
+        for j in np.unique(index // b):
+            cols = index // b == j
+            tile = a.read_tiles([(i, j)])[0]
+            sample[np.ix_(rows, cols)] = tile[np.ix_(index[rows] - i * b, index[cols] - j * b)]
+    mu = np.linalg.eigvalsh(sample)
     size = np.maximum(np.maximum(np.abs(mu[:-1]), np.abs(mu[1:])), np.finfo(mu.dtype).tiny)
     j = np.arange(1, len(mu))
     score = np.diff(mu) / size * np.minimum(j, len(mu) - j)
@@ -176,93 +310,139 @@ def _split_points(a: tl.Tiled, memory_bound: int) -> list[float]:
     return points[:_SPLIT_TRIES]
 
 
-def _try_split(
-    a: tl.Tiled, sigma: float, seed: int, tol: float, scale: float
-) -> tuple[tl.Tiled, tl.Tiled] | None:
-    """Bases ``(Q_below, Q_above)`` of the eigenspaces below/above ``sigma``, or None."""
-    n = a.shape[0]
-    shifted = a.combine(a, 1.0, 0.0)
-    shifted.map_tiles(lambda t, r, c: t - (sigma * np.eye(t.shape[0]) if r == c else 0))
-    try:
-        u, _ = polar_factor(shifted)
-    except (SplitFailedError, NotPositiveDefiniteError):
-        return None
-    finally:
-        shifted.release()
-    k = round((u.trace() + n) / 2)
-    if k in (0, n):
+def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
+    """Find and store an accepted split of block ``name``: bases and both sub-blocks."""
+    n = a.rows
+    for attempt, sigma in enumerate(_split_points(a, ctx.memory_bound)):
+        x0 = ctx.temp(n, n)
+        scale = math.sqrt(ctx.combine(a, x0, 1.0, -sigma))  # |A - σI|_F >= |A - σI|_2
+        try:
+            u, trace, _ = polar_factor(ctx, x0, max(scale, float(np.finfo(ctx.dtype).tiny)))
+        except (SplitFailedError, NotPositiveDefiniteError):
+            continue
+        k = round((trace + n) / 2)
+        found = None if k in (0, n) else _range_bases(ctx, a, u, k, 4 * (depth * 8 + attempt))
         u.release()
-        return None
-    above = u.combine(u, 0.5, 0.0)
-    above.map_tiles(lambda t, r, c: t + (0.5 * np.eye(t.shape[0]) if r == c else 0))
-    below = u.combine(above, 0.0, -1.0)
-    below.map_tiles(lambda t, r, c: t + (np.eye(t.shape[0]) if r == c else 0))
-    u.release()
-    try:
-        q_above = _range_basis(above, k, seed)
-        q_below = _range_basis(below, n - k, seed + 1)
-    except NotPositiveDefiniteError:  # rank-deficient start: the projector was not clean
-        return None
-    finally:
-        above.release()
-        below.release()
-    cross = tl.matmul(q_below, q_above, trans_a=True)
-    aq = tl.matmul(a, q_above)
-    coupling = tl.matmul(q_below, aq, trans_a=True)
-    good = cross.norm() <= tol * math.sqrt(n) and coupling.norm() <= tol * scale
-    for m in (cross, aq, coupling):
-        m.release()
-    if not good:
-        q_above.release()
-        q_below.release()
-        return None
-    return q_below, q_above
+        if found is None:
+            continue
+        below, above, aq_above = found
+        info: dict = {"k": k, "children": []}
+        for child, q, aq in ((name + "0", below, None), (name + "1", above, aq_above)):
+            if aq is None:
+                aq = ctx.temp(n, q.cols)
+                ctx.product(tl.Term(a, q), aq)
+            block = ctx.matrix(child + ".a", q.cols, q.cols).create()
+            child_sums = ctx.product(tl.Term(q, aq, trans_a=True), block, lower=True)
+            aq.release()
+            os.replace(q.path, os.path.join(ctx.folder, child + ".q"))
+            info["children"].append({"name": child, "size": q.cols, **child_sums})
+        ctx.record(f"split_{name}", info)
+        return info
+    raise SplitFailedError(
+        f"no accurate spectral split of a {n} x {n} block after {_SPLIT_TRIES} split points; "
+        "raise memory_bound so that it fits the in-core eigh"
+    )
 
 
-def _eigh(
-    a: tl.Tiled, memory_bound: int, depth: int, tol: float, scale: float
-) -> tuple[np.ndarray, tl.Tiled]:
-    """Eigenvalues and eigenvectors (tiled) of a symmetric tiled matrix.
-
-    ``scale`` is the Frobenius norm of the top-level matrix: errors below ``tol * scale``
-    (a block that close to a multiple of ``I``, a coupling that small) are accepted.
-    """
-    sc, n = a.scratch, a.shape[0]
-    if _in_core(a, memory_bound):
-        w, v = jnp.linalg.eigh(jnp.asarray(np.array(a.data)))
-        out = sc.new(n, n)
-        out.data[:] = np.asarray(v)
-        return np.asarray(w), out
-    off = a.combine(a, 1.0, 0.0)
-    mean = a.trace() / n
-    off.map_tiles(lambda t, r, c: t - (mean * np.eye(t.shape[0]) if r == c else 0))
-    if off.norm() <= tol * scale:  # a multiple of I
-        off.release()
-        return np.full(n, mean), sc.identity(n)
-    off.release()
-    for attempt, sigma in enumerate(_split_points(a, memory_bound)):
-        seed = 2 * (depth * _SPLIT_TRIES + attempt)
-        split = _try_split(a, sigma, seed, tol, scale)
-        if split is not None:
-            break
+def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) -> dict:
+    """Eigenvector parts and eigenvalues of block ``name`` (from the ledger if finished)."""
+    done = ctx.done(f"done_{name}")
+    if done is not None:
+        return done
+    a = ctx.matrix(name + ".a", n, n)
+    values_file = name + ".w.npy"
+    copies = HOST_LEAF_COPIES if ctx.device is None else IN_CORE_COPIES
+    if copies * n * n * ctx.dtype.itemsize <= ctx.memory_bound:
+        dense = a.read_region(slice(None), slice(None))
+        if ctx.device is None:  # MRRR: O(n) workspace, so the leaves are twice as large
+            w, v = scipy.linalg.eigh(dense, overwrite_a=True, check_finite=False, driver="evr")
+        else:
+            w, v = map(np.asarray, jnp.linalg.eigh(jax.device_put(dense, ctx.device)))
+        del dense
+        ctx.matrix(name + ".v0", n, n).create().write_region(slice(None), slice(None), v)
+        info = {"parts": [name + ".v0"], "sizes": [n], "values": values_file}
     else:
-        raise SplitFailedError(
-            f"no accurate spectral split of a {n} x {n} block after {_SPLIT_TRIES} split points; "
-            "raise memory_bound so that it fits the in-core eigh"
-        )
-    values, vectors = [], sc.new(n, n)
-    col = 0
-    for q in split:
-        sub = tl.matmul(q, tl.matmul(a, q), trans_a=True)
-        sub.symmetrize()
-        w, v = _eigh(sub, memory_bound, depth + 1, tol, scale)
-        sub.release()
-        tl.matmul(q, v, out=vectors, out_cols=col)
-        col += q.shape[1]
-        values.append(w)
-        q.release()
-        v.release()
-    return np.concatenate(values), vectors
+        mean = sums["trace"] / n
+        if math.sqrt(ctx.combine(a, None, 1.0, -mean)) <= ctx.tol * ctx.scale:  # mean * I
+            w = np.full(n, mean)
+            info = {"parts": [_IDENTITY], "sizes": [n], "values": values_file}
+        else:
+            info = _assemble(ctx, name, a, sums, depth)
+            w = np.concatenate([np.load(os.path.join(ctx.folder, c)) for c in info.pop("_values")])
+    np.save(os.path.join(ctx.folder, values_file), w)
+    used = info.pop("_used", [])
+    ctx.record(f"done_{name}", info)
+    for f in used:  # the children's files, now that this block's parts replace them
+        ctx.matrix(f, 0, 0).release()
+    return info
+
+
+def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
+    """Split block ``name``, solve both halves, and form its parts ``Q_i V_part``."""
+    split = ctx.done(f"split_{name}") or _split(ctx, name, a, sums, depth)
+    n = a.rows
+    parts, sizes, values, used = [], [], [], []
+    for child in split["children"]:
+        info = _block(ctx, child["name"], child["size"], child, depth + 1)
+        q = ctx.matrix(child["name"] + ".q", n, child["size"])
+        for part, size in zip(info["parts"], info["sizes"], strict=True):
+            out = ctx.matrix(f"{name}.v{len(parts)}", n, size)
+            if part == _IDENTITY:
+                shutil.copyfile(q.path, out.path)
+            else:
+                ctx.product(tl.Term(q, ctx.matrix(part, child["size"], size)), out.create())
+                used.append(part)
+            parts.append(out.path.removeprefix(ctx.folder + os.sep))
+            sizes.append(size)
+        values.append(info["values"])
+        used += [child["name"] + ".q", child["name"] + ".a"]
+    used += values
+    info = {"parts": parts, "sizes": sizes, "values": name + ".w.npy"}
+    return {**info, "_values": values, "_used": used}  # _used: deleted once this is recorded
+
+
+def _input(
+    ctx: _Context, read: Callable[[slice, slice], np.ndarray], n: int
+) -> tuple[tl.Tiled, tl.Reductions]:
+    """Copy ``(A + A^T) / 2`` to scratch, one pair of tiles at a time (skipped if recorded)."""
+    a = ctx.matrix("r.a", n, n)
+    done = ctx.done("input")
+    if done is not None:
+        return a, done
+    a.create()
+    b = ctx.tile
+    spans = [slice(s, min(n, s + b)) for s in range(0, n, b)]
+    sums = {"sumsq": 0.0, "trace": 0.0}
+    for i, rs in enumerate(spans):
+        for j, cs in enumerate(spans[: i + 1]):
+            t = (np.asarray(read(rs, cs), ctx.dtype) + np.asarray(read(cs, rs), ctx.dtype).T) / 2
+            a.write_region(rs, cs, t)
+            a.write_region(cs, rs, t.T)
+            sums["sumsq"] += (1 if i == j else 2) * float(np.sum(t * t))
+            sums["trace"] += float(np.trace(t)) if i == j else 0.0
+    ctx.record("input", sums)
+    return a, sums
+
+
+def _identity_rows(rows: slice, n: int, dtype: np.dtype) -> np.ndarray:
+    out = np.zeros((rows.stop - rows.start, n), dtype)
+    out[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = 1
+    return out
+
+
+def _open_scratch(folder: str, meta: dict) -> None:
+    """Use ``folder`` for this eigh: keep its ledger if it is for the same problem, else wipe."""
+    path = os.path.join(folder, "meta.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            same = json.load(f) == meta
+        if not same:
+            shutil.rmtree(folder)
+    os.makedirs(os.path.join(folder, "ledger"), exist_ok=True)
+    shutil.rmtree(os.path.join(folder, "tmp"), ignore_errors=True)  # a killed run's iterates
+    os.makedirs(os.path.join(folder, "tmp"))
+    with open(path, "w") as f:
+        json.dump(meta, f)
 
 
 def divide_and_conquer_eigh(
@@ -275,25 +455,68 @@ def divide_and_conquer_eigh(
     write_rows: Callable[[slice, np.ndarray], None] | None = None,
     values_out: Callable[[np.ndarray], None] | None = None,
     tol: float | None = None,
+    scratch_dir: str | None = None,
+    runner: tl.TileRunner | None = None,
+    kernels: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Eigendecomposition of the symmetric ``n x n`` matrix given by ``read(rows, cols)``.
 
     Eigenvalues ascend. Eigenvectors go block row by block row (``tile`` rows) to
     ``write_rows(rows, panel)`` if given, else they are returned as an array.
+
+    ``scratch_dir``: the folder for the tiles and the ledger (default a temporary
+    folder); it needs at most :func:`scratch_bytes` of disk (12 N^2 x itemsize: 384 MiB
+    for N = 2048 in float64) and is removed when the eigh finishes. A rerun with the
+    same folder after an interruption skips every recorded split and block.
+    ``runner``: where the tile jobs run (default :class:`~ntk_dist.linalg.tiled.LocalRunner`).
+    ``kernels``: "host" (numpy/scipy BLAS and LAPACK), "device" (jitted JAX on
+    ``devices``, round robin) or "auto" (device unless the devices are CPUs).
+    ``progress(key)`` is called after each ledger record ("input", "split_<block>",
+    "done_<block>"; blocks are named "r", "r0", "r1", "r01", ...).
     """
-    sc = tl.Scratch(tile, dtype, devices)
+    dtype = np.dtype(dtype)
+    devices = list(devices or jax.local_devices())
+    if kernels not in ("auto", "host", "device"):
+        raise ValueError(f"kernels must be 'auto', 'host' or 'device'; got {kernels!r}")
+    on_device = kernels == "device" or (kernels == "auto" and devices[0].platform != "cpu")
+    runner = runner or tl.LocalRunner(devices if on_device else None)
+    folder = scratch_dir or tempfile.mkdtemp(prefix="ntk_dist_eigh_")
     tol = tol if tol is not None else 1e3 * float(np.finfo(dtype).eps)
-    try:
-        a = sc.from_reader(read, n)
-        a.symmetrize()
-        w, v = _eigh(a, memory_bound, 0, tol, max(a.norm(), np.finfo(dtype).tiny))
-        order = np.argsort(w, kind="stable")
-        if values_out is not None:
-            values_out(w[order])
-        if write_rows is None:
-            return w[order], np.array(v.data)[:, order]
-        for rs in v.spans(0):
-            write_rows(rs, np.array(v.data[rs])[:, order])
-        return w[order], None
-    finally:
-        sc.close()
+    meta = {"n": n, "dtype": dtype.name, "tile": tile, "memory_bound": memory_bound, "tol": tol}
+    _open_scratch(folder, meta)
+    ctx = _Context(
+        folder, tile, dtype, memory_bound, tol, runner, devices[0] if on_device else None, progress
+    )
+    a, sums = _input(ctx, read, n)
+    ctx.scale = max(math.sqrt(sums["sumsq"]), float(np.finfo(dtype).tiny))
+    info = _block(ctx, "r", n, sums, 0)
+    w = np.load(os.path.join(folder, info["values"]))
+    order = np.argsort(w, kind="stable")
+    # column c of the parts goes to column position[c] of V (eigenvalues ascending)
+    position = np.empty(n, int)
+    position[order] = np.arange(n)
+    out = None if write_rows is not None else np.empty((n, n), dtype)
+    for i in range(a.grid[0]):
+        rows = slice(i * tile, min(n, (i + 1) * tile))
+        panel = np.empty((rows.stop - rows.start, n), dtype)
+        col = 0
+        for part, size in zip(info["parts"], info["sizes"], strict=True):
+            where = position[col : col + size]
+            if part == _IDENTITY:
+                panel[:, where] = _identity_rows(rows, n, dtype)
+            else:
+                matrix = ctx.matrix(part, n, size)
+                for j in range(matrix.grid[1]):  # a tile at a time
+                    cols = where[j * tile : (j + 1) * tile]
+                    tiles = matrix.read_tiles([(i, j)])
+                    panel[:, cols] = tiles[0, : panel.shape[0], : len(cols)]
+            col += size
+        if out is not None:
+            out[rows] = panel
+        else:
+            write_rows(rows, panel)
+    if values_out is not None:
+        values_out(w[order])
+    shutil.rmtree(folder)
+    return w[order], out

@@ -52,7 +52,10 @@ class StoredKernelOperator(KernelOperator):
         kernel in float64, which needs ``jax_enable_x64``).
       shift: ``s`` in ``K + s I`` (what :meth:`add_to_diagonal` accumulates).
       devices: devices for the tiled Cholesky (default all local devices).
-      progress: ``progress(done, total)`` after each block column of a tiled Cholesky.
+      progress: ``progress(done, total)`` after each block column of a tiled Cholesky,
+        or True to print columns done, GFLOP/s and an ETA on stderr.
+      tile_backend: where the tiled Cholesky's tile kernels run: ``"host"`` (LAPACK),
+        ``"device"`` (jitted on ``devices``) or ``"auto"`` (host on CPU devices).
 
     Every tile read is checked for NaN/Inf (``NonFiniteTileError`` naming the tile).
     """
@@ -67,7 +70,8 @@ class StoredKernelOperator(KernelOperator):
         dtype: Any = None,
         shift: float = 0.0,
         devices: Sequence[jax.Device] | None = None,
-        progress: chol.Progress | None = None,
+        progress: chol.Progress | bool | None = None,
+        tile_backend: str = "auto",
     ):
         if store.plan.diagonal:
             raise ValueError(
@@ -93,6 +97,8 @@ class StoredKernelOperator(KernelOperator):
         self.shift = float(shift)
         self.devices = devices
         self.progress = progress
+        chol.check_tile_backend(tile_backend)  # a bad name fails here, not mid-factorisation
+        self.tile_backend = tile_backend
         self._per_row = math.prod(entry[0::2])  # 2-D rows per example
         self._per_col = math.prod(entry[1::2])
         self._resident: np.ndarray | None = None
@@ -191,6 +197,7 @@ class StoredKernelOperator(KernelOperator):
             shift=self.shift + value,
             devices=self.devices,
             progress=self.progress,
+            tile_backend=self.tile_backend,
         )
 
     # --------------------------------------------------------- factorisations
@@ -221,7 +228,9 @@ class StoredKernelOperator(KernelOperator):
             lower = chol.cholesky_in_core(self.to_dense())
             chol.write_factor(factor, np.asarray(lower), tile)
             return DenseCholeskyFactor(lower)
-        chol.tiled_cholesky(self.read, n, factor, tile, self.devices, self.progress)
+        chol.tiled_cholesky(
+            self.read, n, factor, tile, self.devices, self.progress, tile_backend=self.tile_backend
+        )
         return chol.StoredCholeskyFactor(factor, n, tile)
 
     def _eigendecomposition(self) -> Eigendecomposition:
@@ -237,13 +246,23 @@ class StoredKernelOperator(KernelOperator):
         self.factorizations["eigh"] += 1
         tile = chol.cholesky_tile_size(n, self.dtype.itemsize, self.memory_bound)
         attrs = {"kind": "eigh", "tile": tile}
-        values = FactorStore.create(self.store, names[0], (n,), (n,), self.dtype, attrs)
-        vectors = FactorStore.create(self.store, names[1], (n, n), (tile, tile), self.dtype, attrs)
+        if values is None or vectors is None or vectors.attributes.get("tile") != tile:
+            values = FactorStore.create(self.store, names[0], (n,), (n,), self.dtype, attrs)
+            vectors = FactorStore.create(
+                self.store, names[1], (n, n), (tile, tile), self.dtype, attrs
+            )
         if eig.fits_in_core(n, self.dtype.itemsize, self.memory_bound):
             w, v = jnp.linalg.eigh(self.to_dense())
             eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
             return DenseEigendecomposition(w, v)
         eig.out_of_core_eigh(
-            self.read, n, self.dtype, self.memory_bound, values, vectors, self.devices
+            self.read,
+            n,
+            self.dtype,
+            self.memory_bound,
+            values,
+            vectors,
+            self.devices,
+            scratch_dir=eig.default_scratch_dir(self.store, names[1]),
         )
         return eig.StoredEigendecomposition(values, vectors)

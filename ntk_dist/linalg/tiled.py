@@ -1,10 +1,26 @@
-"""Tiled dense matrices on scratch disk and the few tiled operations the out-of-core eigh needs.
+"""Tiled dense matrices on scratch disk and the tile jobs the out-of-core eigh is made of.
 
-A :class:`Tiled` matrix is a ``numpy.memmap`` in a scratch folder cut into ``b x b``
-tiles; operations read a handful of tiles at a time, run them as jitted kernels on the
-local devices (output tiles round-robin, so JAX runs them concurrently) and write the
-result tiles back. The working set is a few tiles per device, whatever the matrix size.
-The Cholesky factorisations reuse :func:`ntk_dist.linalg.cholesky.tiled_cholesky`.
+A :class:`Tiled` matrix is one file in a scratch folder holding ``b x b`` tiles one
+after another (row of tiles by row of tiles); edge tiles are stored padded with zeros,
+so every tile has the same shape and a jitted tile kernel compiles once per panel
+length, not once per ragged shape. Tiles are read and written with ``pread``/``pwrite``
+(no memory map), so a process holds only the panels it is working on.
+
+The work is cut into jobs that each produce one row of output tiles:
+
+- :class:`ProductJob`: ``alpha op(A) op(B) + beta D + gamma I`` (optionally only the
+  lower triangle, mirrored; tiles known to be zero in triangular operands are skipped),
+  holding one row panel of ``op(A)`` and one column panel of ``op(B)``;
+- :class:`SolveJob`: ``alpha X L^{-T} [L^{-1}] + beta X`` for lower factors ``L``;
+- :class:`CombineJob` (``alpha A + gamma I``) and :class:`RandomJob` (Gaussian tiles).
+
+Each job returns the sums the algorithm needs next (squared Frobenius norm, trace,
+squared distance to ``D`` or ``X``), so no extra pass over a matrix computes them.
+A runner executes a list of independent jobs: :class:`LocalRunner` in this process
+(host BLAS/LAPACK through numpy/scipy, or jitted JAX kernels on the given devices, round
+robin), :class:`RayRunner` as Ray tasks spread over the nodes of a cluster that shares
+the scratch folder (a local cluster shares the disk). The Cholesky factorisations run in
+the calling process by :func:`ntk_dist.linalg.cholesky.tiled_cholesky`.
 """
 
 from __future__ import annotations
@@ -12,249 +28,525 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from ntk_dist.linalg import cholesky as chol
 
-__all__ = ["Scratch", "Tiled"]
+__all__ = [
+    "CombineJob",
+    "DeviceKernels",
+    "HostKernels",
+    "LocalRunner",
+    "ProductJob",
+    "RandomJob",
+    "RayRunner",
+    "Reductions",
+    "SolveJob",
+    "Term",
+    "Tiled",
+    "TileRunner",
+    "cholesky",
+]
+
+Reductions = dict[str, float]  # "sumsq", "trace", "diffsq" of a job's output
 
 
-@jax.jit
-def _gemm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return a @ b
-
-
-@jax.jit
-def _trsm_lt(ljj: jax.Array, acc: jax.Array) -> jax.Array:  # acc L^{-T}
-    return jax.scipy.linalg.solve_triangular(ljj, acc.T, lower=True).T
-
-
-@jax.jit
-def _trsm_l(ljj: jax.Array, acc: jax.Array) -> jax.Array:  # acc L^{-1}
-    return jax.scipy.linalg.solve_triangular(ljj, acc.T, lower=True, trans="T").T
-
-
-class _MemmapFactor:
-    """The ``FactorStore`` interface :func:`tiled_cholesky` writes to, over a scratch memmap."""
-
-    def __init__(self, array: np.ndarray):
-        self.array, self._done = array, set()
-
-    def done(self) -> set[str]:
-        return set(self._done)
-
-    def write(self, key: str, index: tuple[slice, ...], data: np.ndarray) -> None:
-        self.array[index] = data
-        self._done.add(key)
-
-    def read(self, index: tuple[slice, ...]) -> np.ndarray:
-        return np.array(self.array[index])
-
-
-class Scratch:
-    """A temporary folder of tiled matrices sharing one tile size, dtype and device list."""
-
-    def __init__(
-        self,
-        tile: int,
-        dtype: np.dtype,
-        devices: Sequence[jax.Device] | None = None,
-        directory: str | None = None,
-    ):
-        self.tile, self.dtype = tile, np.dtype(dtype)
-        self.devices = list(devices or jax.local_devices())
-        self._dir = tempfile.TemporaryDirectory(prefix="ntk_dist_eigh_", dir=directory)
-        self._count = 0
-
-    def close(self) -> None:
-        """Delete every scratch matrix."""
-        self._dir.cleanup()
-
-    def new(self, rows: int, cols: int) -> Tiled:
-        """A zero-filled ``rows x cols`` matrix on scratch disk."""
-        self._count += 1
-        path = os.path.join(self._dir.name, f"m{self._count}.bin")
-        data = np.memmap(path, self.dtype, "w+", shape=(max(rows, 1), max(cols, 1)))
-        return Tiled(self, data[:rows, :cols], path)
-
-    def from_reader(self, read: Callable[[slice, slice], np.ndarray], n: int) -> Tiled:
-        """Copy an ``n x n`` matrix given by ``read(rows, cols)`` onto scratch, tile by tile."""
-        out = self.new(n, n)
-        for rs in out.spans(0):
-            for cs in out.spans(1):
-                out.data[rs, cs] = read(rs, cs)
-        return out
-
-    def identity(self, n: int) -> Tiled:
-        out = self.new(n, n)
-        out.data[np.diag_indices(n)] = 1
-        return out
-
-    def device(self, k: int) -> jax.Device:
-        return self.devices[k % len(self.devices)]
-
-
+@dataclass(frozen=True)
 class Tiled:
-    """A dense matrix on scratch disk, read and written one tile at a time."""
+    """A ``rows x cols`` matrix stored as padded ``tile x tile`` tiles in the file ``path``.
 
-    def __init__(self, scratch: Scratch, data: np.ndarray, path: str):
-        self.scratch, self.data, self.path = scratch, data, path
+    ``triangle`` ("lower"/"upper") says which tiles are known to be zero (skipped by
+    products and solves). Plain data, so jobs carrying it travel to Ray workers.
+    """
+
+    path: str
+    rows: int
+    cols: int
+    tile: int
+    dtype: str
+    triangle: str | None = None
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.data.shape
+    def grid(self) -> tuple[int, int]:
+        return math.ceil(self.rows / self.tile), math.ceil(self.cols / self.tile)
 
-    def spans(self, axis: int) -> list[slice]:
-        n, b = self.shape[axis], self.scratch.tile
-        return [slice(s, min(n, s + b)) for s in range(0, n, b)]
+    @property
+    def _tile_bytes(self) -> int:
+        return self.tile * self.tile * np.dtype(self.dtype).itemsize
 
-    def tile(self, rows: slice, cols: slice, transpose: bool = False) -> np.ndarray:
-        return np.array(self.data[cols, rows].T if transpose else self.data[rows, cols])
+    def create(self) -> Tiled:
+        """Create the zero-filled file (a sparse file: zeros cost no disk until written)."""
+        gr, gc = self.grid
+        with open(self.path, "wb") as f:
+            f.truncate(max(gr * gc, 1) * self._tile_bytes)
+        return self
 
     def release(self) -> None:
-        """Delete this matrix's file now (the scratch folder would at the end)."""
-        self.data = None
+        """Delete the file."""
         if os.path.exists(self.path):
             os.remove(self.path)
 
-    # ------------------------------------------------------------ tilewise
-    def map_tiles(self, fn: Callable[[np.ndarray, slice, slice], np.ndarray]) -> None:
-        """In place: ``tile <- fn(tile, rows, cols)`` for every tile."""
-        for rs in self.spans(0):
-            for cs in self.spans(1):
-                self.data[rs, cs] = fn(self.tile(rs, cs), rs, cs)
+    def with_triangle(self, triangle: str | None) -> Tiled:
+        return Tiled(self.path, self.rows, self.cols, self.tile, self.dtype, triangle)
 
-    def reduce_tiles(self, fn: Callable[[np.ndarray, slice, slice], float]) -> float:
-        return float(
-            sum(fn(self.tile(rs, cs), rs, cs) for rs in self.spans(0) for cs in self.spans(1))
-        )
-
-    def norm(self) -> float:
-        """Frobenius norm."""
-        return math.sqrt(self.reduce_tiles(lambda t, r, c: float(np.sum(t * t))))
-
-    def trace(self) -> float:
-        return self.reduce_tiles(lambda t, r, c: float(np.trace(t)) if r == c else 0.0)
-
-    def diagonal(self) -> np.ndarray:
-        return np.concatenate([np.diagonal(self.tile(s, s)) for s in self.spans(0)])
-
-    def max_abs_row_sum(self) -> float:
-        """The infinity norm."""
-        sums = np.zeros(self.shape[0])
-        for rs in self.spans(0):
-            for cs in self.spans(1):
-                sums[rs] += np.abs(self.tile(rs, cs)).sum(axis=1)
-        return float(sums.max(initial=0.0))
-
-    def combine(self, other: Tiled, alpha: float, beta: float, out: Tiled | None = None) -> Tiled:
-        """``alpha * self + beta * other`` (into ``out``, default a new matrix)."""
-        out = out or self.scratch.new(*self.shape)
-        for rs in self.spans(0):
-            for cs in self.spans(1):
-                out.data[rs, cs] = alpha * self.tile(rs, cs) + beta * other.tile(rs, cs)
+    # ------------------------------------------------------------------ tiles
+    def read_tiles(self, index: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Tiles ``(i, j)`` as one ``(len(index), b, b)`` array."""
+        b, gc = self.tile, self.grid[1]
+        out = np.empty((len(index), b, b), self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            fd, k = f.fileno(), 0
+            while k < len(index):  # runs of consecutive tiles in one read each
+                i, j = index[k]
+                run = 1
+                while k + run < len(index) and index[k + run] == (i, j + run) and j + run < gc:
+                    run += 1
+                got = os.preadv(fd, [out[k : k + run]], (i * gc + j) * self._tile_bytes)
+                if got != run * self._tile_bytes:
+                    raise OSError(f"short read from scratch matrix {self.path}")
+                k += run
         return out
 
-    def symmetrize(self) -> None:
-        """In place ``(X + X^T) / 2`` of a square matrix."""
-        spans = self.spans(0)
-        for i, rs in enumerate(spans):
-            for cs in spans[: i + 1]:
-                t = (self.tile(rs, cs) + self.tile(cs, rs).T) / 2
-                self.data[rs, cs], self.data[cs, rs] = t, t.T
+    def write_tiles(self, index: Sequence[tuple[int, int]], tiles: Sequence[np.ndarray]) -> None:
+        gc = self.grid[1]
+        with open(self.path, "r+b", buffering=0) as f:
+            for (i, j), t in zip(index, tiles, strict=True):
+                data = np.ascontiguousarray(t, self.dtype)
+                os.pwrite(f.fileno(), data, (i * gc + j) * self._tile_bytes)
+
+    def op_row(self, i: int, ks: range, transpose: bool) -> np.ndarray:
+        """Row ``i`` of tiles ``op(M)[i, k]``, ``k`` in ``ks``, as one ``b x len(ks) b`` panel.
+
+        ``op`` is the transpose if ``transpose``. Read a tile at a time into the panel.
+        """
+        b = self.tile
+        panel = np.empty((b, len(ks) * b), self.dtype)
+        for n, k in enumerate(ks):
+            t = self.read_tiles([(k, i) if transpose else (i, k)])[0]
+            panel[:, n * b : (n + 1) * b] = t.T if transpose else t
+        return panel
+
+    def op_col(self, j: int, ks: range, transpose: bool) -> np.ndarray:
+        """Tiles ``op(M)[k, j]`` for ``k`` in ``ks``, stacked: a ``len(ks) b x b`` panel."""
+        if not transpose:
+            return self.read_tiles([(k, j) for k in ks])
+        tiles = self.read_tiles([(j, k) for k in ks])
+        for t in tiles:  # in place, a tile at a time
+            t[:] = t.T.copy()
+        return tiles
+
+    def op_nonzero(self, i: int, transpose: bool, row: bool) -> range:
+        """Tile range of row (``row``) or column ``i`` of ``op(M)`` that may be nonzero."""
+        n = self.grid[0] if row == transpose else self.grid[1]
+        lower = (self.triangle == "lower") != transpose  # op(M) is lower triangular
+        if self.triangle is None:
+            return range(n)
+        if lower == row:  # row of a lower / column of an upper: up to the diagonal
+            return range(min(i + 1, n))
+        return range(i, n)
+
+    # ---------------------------------------------------------------- regions
+    def read_region(self, rows: slice, cols: slice) -> np.ndarray:
+        """An arbitrary region (tests, the in-core leaves, the Cholesky's panels)."""
+        r0, r1, _ = rows.indices(self.rows)
+        c0, c1, _ = cols.indices(self.cols)
+        b = self.tile
+        out = np.empty((r1 - r0, c1 - c0), self.dtype)
+        tj = range(c0 // b, math.ceil(c1 / b)) if c1 > c0 else range(0)
+        for i in range(r0 // b, math.ceil(r1 / b)) if r1 > r0 else []:
+            tiles = self.read_tiles([(i, j) for j in tj])
+            panel = tiles.transpose(1, 0, 2).reshape(b, -1)
+            lo, hi = max(r0, i * b), min(r1, (i + 1) * b)
+            out[lo - r0 : hi - r0] = panel[lo - i * b : hi - i * b, c0 - tj.start * b :][
+                :, : c1 - c0
+            ]
+        return out
+
+    def write_region(self, rows: slice, cols: slice, data: np.ndarray) -> None:
+        """Write a region whose corners lie on tile corners (or the matrix's edge)."""
+        r0, r1, _ = rows.indices(self.rows)
+        c0, c1, _ = cols.indices(self.cols)
+        b = self.tile
+        index, tiles = [], []
+        for i in range(r0 // b, math.ceil(r1 / b)):
+            for j in range(c0 // b, math.ceil(c1 / b)):
+                t = np.zeros((b, b), self.dtype)
+                block = data[i * b - r0 : (i + 1) * b - r0, j * b - c0 : (j + 1) * b - c0]
+                t[: block.shape[0], : block.shape[1]] = block
+                index.append((i, j))
+                tiles.append(t)
+        self.write_tiles(index, tiles)
+
+    def diagonal(self) -> np.ndarray:
+        g = min(self.grid)
+        tiles = self.read_tiles([(i, i) for i in range(g)])
+        return np.concatenate([np.diagonal(t) for t in tiles])[: min(self.rows, self.cols)]
 
 
-def matmul(
-    a: Tiled,
-    b: Tiled,
-    *,
-    trans_a: bool = False,
-    trans_b: bool = False,
-    out: Tiled | None = None,
-    out_cols: int = 0,
-) -> Tiled:
-    """``op(a) @ op(b)``, written into ``out`` from column ``out_cols`` (or a new matrix).
+def _identity_part(t: np.ndarray, i: int, j: int, rows: int, cols: int) -> np.ndarray:
+    """``t`` plus 1 on the real (unpadded) diagonal entries of tile ``(i, j)``."""
+    if i == j:
+        b = t.shape[0]
+        d = max(0, min(b, rows - i * b, cols - j * b))
+        t = t.copy()
+        t[np.arange(d), np.arange(d)] += 1
+    return t
 
-    Each output tile is one product of a row panel of ``op(a)`` and a column panel of
-    ``op(b)`` (``b x inner`` entries each, within the tiled Cholesky's panel budget).
+
+def _sums(t: np.ndarray, diagonal: bool, weight: float = 1.0) -> Reductions:
+    return {"sumsq": weight * float(np.sum(t * t)), "trace": float(np.trace(t)) if diagonal else 0}
+
+
+def _add(total: Reductions, part: Reductions) -> None:
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+# ---------------------------------------------------------------------- kernels
+class Kernels(Protocol):
+    """Tile arithmetic of the jobs: on the host (numpy/scipy) or on a JAX device."""
+
+    def prepare(self, panel: np.ndarray) -> Any: ...
+
+    def product(self, prepared: Any, k0: int, k1: int, tiles: np.ndarray) -> np.ndarray: ...
+
+    def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray: ...
+
+    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray: ...
+
+
+class HostKernels:
+    """Host BLAS/LAPACK: one gemm of a ``b x K`` row panel and a ``K x b`` column panel a tile."""
+
+    def prepare(self, panel: np.ndarray) -> np.ndarray:
+        return panel
+
+    def product(self, prepared: np.ndarray, k0: int, k1: int, tiles: np.ndarray) -> np.ndarray:
+        """``sum_k row_k @ tiles_k`` over the prepared row's tiles ``k0:k1``."""
+        b = tiles.shape[1]
+        return prepared[:, k0 * b : k1 * b] @ tiles.reshape(-1, b)
+
+    def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return left @ right
+
+    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:
+        """``x L^{-T}`` (``transpose``) or ``x L^{-1}`` for the lower triangular ``L = diag``."""
+        # as a left-side solve on x^T: OpenBLAS's right-side trsm is ~4x slower
+        solved = scipy.linalg.solve_triangular(
+            diag, x.T, lower=True, trans=0 if transpose else 1, check_finite=False
+        )
+        return solved.T
+
+
+@jax.jit
+def _tile_sum(left: jax.Array, right: jax.Array) -> jax.Array:
+    return jnp.einsum("kij,kjl->il", left, right)
+
+
+_matmul = jax.jit(jnp.matmul)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _tile_trsm(diag: jax.Array, x: jax.Array, transpose: bool) -> jax.Array:
+    trans = "N" if transpose else "T"  # x L^{-T} = (L^{-1} x^T)^T, x L^{-1} = (L^{-T} x^T)^T
+    return jax.scipy.linalg.solve_triangular(diag, x.T, lower=True, trans=trans).T
+
+
+class DeviceKernels:
+    """Jitted JAX tile kernels on one device (fixed ``b x b`` tiles: one compile per length)."""
+
+    def __init__(self, device: jax.Device):
+        self.device = device
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, self.device)
+
+    def prepare(self, panel: np.ndarray) -> jax.Array:
+        b = panel.shape[0]
+        return self._put(panel).reshape(b, -1, b).transpose(1, 0, 2)  # the row's tiles
+
+    def product(self, prepared: jax.Array, k0: int, k1: int, tiles: np.ndarray) -> np.ndarray:
+        return np.asarray(_tile_sum(prepared[k0:k1], self._put(tiles)))
+
+    def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        return np.asarray(_matmul(self._put(left), self._put(right)))
+
+    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:
+        return np.asarray(_tile_trsm(self._put(diag), self._put(x), transpose))
+
+
+# ------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Term:
+    """``alpha op(a) op(b)`` in a product."""
+
+    a: Tiled
+    b: Tiled
+    alpha: float = 1.0
+    trans_a: bool = False
+    trans_b: bool = False
+
+
+@dataclass(frozen=True)
+class ProductJob:
+    """Row ``row`` of output tiles of ``term + beta * add + gamma * I``.
+
+    ``out=None`` computes only the sums; ``lower`` computes tiles ``j <= row`` and
+    mirrors them (a symmetric result; ``out`` may be ``add``). ``diffsq`` is the
+    squared distance to ``add``. Holds one row panel of ``op(A)`` and one column panel
+    of ``op(B)``; output tiles are written as they are made.
     """
-    sc = a.scratch
-    m = a.shape[1] if trans_a else a.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    out = out or sc.new(m, n)
-    t = sc.tile
-    jobs = [
-        (slice(r, min(m, r + t)), slice(c, min(n, c + t)))
-        for r in range(0, m, t)
-        for c in range(0, n, t)
-    ]
-    everything = slice(None)
-    for start in range(0, len(jobs), len(sc.devices)):
-        batch = jobs[start : start + len(sc.devices)]
-        results = []
-        for k, (rs, cs) in enumerate(batch):
-            dev = sc.device(k)
-            at = a.tile(everything, rs).T if trans_a else a.tile(rs, everything)
-            bt = b.tile(cs, everything).T if trans_b else b.tile(everything, cs)
-            results.append(_gemm(jax.device_put(at, dev), jax.device_put(bt, dev)))
-        for (rs, cs), res in zip(batch, results, strict=True):
-            out.data[rs, out_cols + cs.start : out_cols + cs.stop] = np.asarray(res)
-    return out
+
+    term: Term
+    out: Tiled | None
+    row: int
+    lower: bool = False
+    add: Tiled | None = None
+    beta: float = 0.0
+    gamma: float = 0.0
+
+    def run(self, kernels: Kernels) -> Reductions:
+        t, i = self.term, self.row
+        rows = t.a.cols if t.trans_a else t.a.rows
+        cols = t.b.rows if t.trans_b else t.b.cols
+        b = t.a.tile
+        ks = t.a.op_nonzero(i, t.trans_a, row=True)
+        prepared = kernels.prepare(t.a.op_row(i, ks, t.trans_a))
+        sums: Reductions = {"sumsq": 0.0, "trace": 0.0, "diffsq": 0.0}
+        for j in range(i + 1) if self.lower else range(math.ceil(cols / b)):
+            kb = t.b.op_nonzero(j, t.trans_b, row=False)
+            k0, k1 = max(ks.start, kb.start), min(ks.stop, kb.stop)
+            acc = np.zeros((b, b), t.a.dtype)
+            if k1 > k0:
+                panel = t.b.op_col(j, range(k0, k1), t.trans_b)
+                acc = t.alpha * kernels.product(prepared, k0 - ks.start, k1 - ks.start, panel)
+            if self.lower and j == i:  # exactly symmetric, as the mirrored tiles
+                acc = (acc + acc.T) / 2
+            weight = 2.0 if self.lower and j < i else 1.0
+            if self.add is not None:
+                added = self.add.read_tiles([(i, j)])[0]
+                acc += self.beta * added
+                sums["diffsq"] += weight * float(np.sum((acc - added) ** 2))
+            if self.gamma and i == j:
+                acc += self.gamma * _identity_part(np.zeros_like(acc), i, j, rows, cols)
+            _add(sums, _sums(acc, j == i, weight))
+            if self.out is not None:
+                mirror = ([(j, i)], [acc.T]) if weight == 2.0 else ([], [])
+                self.out.write_tiles([(i, j), *mirror[0]], [acc, *mirror[1]])
+        return sums
 
 
-def cholesky(z: Tiled) -> Tiled:
-    """Lower Cholesky factor of a symmetric positive definite tiled matrix (tiled algorithm)."""
-    n = z.shape[0]
-    lower = z.scratch.new(n, n)
-    chol.tiled_cholesky(
-        lambda r, c: z.tile(r, c), n, _MemmapFactor(lower.data), z.scratch.tile, z.scratch.devices
-    )
+@dataclass(frozen=True)
+class SolveJob:
+    """Row ``row`` of ``alpha X L_1^{-T} L_2^{-1} ... + beta X`` (``x=None``: ``X = I``).
+
+    ``factors`` lists ``(L, transpose)``: ``X <- X L^{-T}`` if ``transpose`` else
+    ``X <- X L^{-1}``, in order. ``diffsq`` is the squared distance to ``X``. Holds
+    the row panel being solved and one row (or column) panel of ``L``.
+    """
+
+    x: Tiled | None
+    factors: tuple[tuple[Tiled, bool], ...]
+    out: Tiled
+    row: int
+    alpha: float = 1.0
+    beta: float = 0.0
+
+    def _x(self, j: int) -> np.ndarray:
+        """Tile ``(row, j)`` of ``X``."""
+        if self.x is not None:
+            return self.x.read_tiles([(self.row, j)])[0]
+        b, out = self.out.tile, self.out
+        return _identity_part(np.zeros((b, b), out.dtype), self.row, j, out.rows, b * j + b)
+
+    def run(self, kernels: Kernels) -> Reductions:
+        out, b, i = self.out, self.out.tile, self.row
+        g = out.grid[1]
+        if self.x is None:
+            y = np.zeros((b, g * b), out.dtype)
+            y[:, i * b : (i + 1) * b] = self._x(i)
+            lead = i
+        else:
+            y = self.x.op_row(i, range(g), False)
+            lead = i if self.x.triangle == "upper" else 0
+        for lower, transpose in self.factors:
+            for j in range(lead, g) if transpose else range(g - 1, -1, -1):
+                acc = y[:, j * b : (j + 1) * b]
+                if transpose and j > lead:  # y_j - sum_{lead<=k<j} y_k L_jk^T
+                    row = lower.op_row(j, range(lead, j), False)
+                    acc = acc - kernels.matmul(y[:, lead * b : j * b], row.T)
+                elif not transpose and j < g - 1:  # y_j - sum_{k>j} y_k L_kj
+                    col = lower.op_col(j, range(j + 1, g), False).reshape(-1, b)
+                    acc = acc - kernels.matmul(y[:, (j + 1) * b :], col)
+                diag = lower.read_tiles([(j, j)])[0]
+                y[:, j * b : (j + 1) * b] = kernels.trsm(diag, acc, transpose)
+            lead = lead if transpose else 0
+        sums: Reductions = {"sumsq": 0.0, "trace": 0.0, "diffsq": 0.0}
+        for j in range(g):  # written a tile at a time
+            x = self._x(j)
+            t = self.alpha * y[:, j * b : (j + 1) * b] + self.beta * x
+            _add(sums, _sums(t, j == i))
+            sums["diffsq"] += float(np.sum((t - x) ** 2))
+            out.write_tiles([(i, j)], [t])
+        return sums
+
+
+@dataclass(frozen=True)
+class CombineJob:
+    """Row ``row`` of ``alpha A + gamma I`` (``out=None``: only its sums)."""
+
+    a: Tiled
+    out: Tiled | None
+    row: int
+    alpha: float = 1.0
+    gamma: float = 0.0
+
+    def run(self, kernels: Kernels) -> Reductions:
+        g = self.a.grid[1]
+        tiles = self.alpha * self.a.read_tiles([(self.row, j) for j in range(g)])
+        if self.gamma and self.row < g:
+            tiles[self.row] += self.gamma * _identity_part(
+                tiles[self.row] * 0, self.row, self.row, self.a.rows, self.a.cols
+            )
+        if self.out is not None:
+            self.out.write_tiles([(self.row, j) for j in range(g)], list(tiles))
+        sums = _sums(tiles[self.row], True) if self.row < g else {"trace": 0.0}
+        sums["sumsq"] = float(np.sum(tiles * tiles))
+        return sums
+
+
+@dataclass(frozen=True)
+class RandomJob:
+    """Row ``row`` of a standard normal matrix; tile ``(i, j)`` drawn from ``(seed, i, j)``."""
+
+    out: Tiled
+    row: int
+    seed: int
+
+    def run(self, kernels: Kernels) -> Reductions:
+        out, b = self.out, self.out.tile
+        g = out.grid[1]
+        tiles = []
+        for j in range(g):
+            t = np.random.default_rng((self.seed, self.row, j)).standard_normal((b, b))
+            t[max(0, out.rows - self.row * b) :] = 0  # keep the padding zero
+            t[:, max(0, out.cols - j * b) :] = 0
+            tiles.append(t.astype(out.dtype))
+        out.write_tiles([(self.row, j) for j in range(g)], tiles)
+        return {"sumsq": float(sum(np.sum(t * t) for t in tiles))}
+
+
+Job = ProductJob | SolveJob | CombineJob | RandomJob
+
+
+def run_job(job: Job) -> Reductions:
+    """Run one job with the host kernels (what a Ray task does)."""
+    return job.run(HostKernels())
+
+
+# ---------------------------------------------------------------------- runners
+class TileRunner(Protocol):
+    """Runs independent jobs and returns the sum of their reductions."""
+
+    def run(self, jobs: Sequence[Job]) -> Reductions: ...
+
+
+@dataclass
+class LocalRunner:
+    """Jobs in this process: host kernels, or JAX kernels on ``devices`` (job k on k % D)."""
+
+    devices: Sequence[jax.Device] | None = None
+    jobs_run: int = 0
+
+    def run(self, jobs: Sequence[Job]) -> Reductions:
+        total: Reductions = {}
+        for k, job in enumerate(jobs):
+            if self.devices:
+                kernels: Kernels = DeviceKernels(self.devices[k % len(self.devices)])
+            else:
+                kernels = HostKernels()
+            _add(total, job.run(kernels))
+        self.jobs_run += len(jobs)
+        return total
+
+
+def _ray_job(job: Job) -> tuple[Reductions, str]:
+    import ray
+
+    return run_job(job), ray.get_runtime_context().get_node_id()
+
+
+@dataclass
+class RayRunner:
+    """Jobs as Ray tasks (host kernels) spread over the nodes of the connected cluster.
+
+    Every node must see the scratch folder (one machine, or a shared file system).
+    ``nodes`` collects the ids of the nodes that ran jobs.
+    """
+
+    nodes: set[str] = field(default_factory=set)
+    jobs_run: int = 0
+
+    def run(self, jobs: Sequence[Job]) -> Reductions:
+        from ntk_dist.executors.ray import import_ray
+
+        ray = import_ray()
+        task = ray.remote(num_cpus=1)(_ray_job).options(scheduling_strategy="SPREAD")
+        total: Reductions = {}
+        for sums, node in ray.get([task.remote(job) for job in jobs]):
+            _add(total, sums)
+            self.nodes.add(node)
+        self.jobs_run += len(jobs)
+        return total
+
+
+# --------------------------------------------------------------------- cholesky
+class _TiledFactor:
+    """The ``TileStore`` interface :func:`tiled_cholesky` writes its factor to."""
+
+    def __init__(self, lower: Tiled):
+        self.lower = lower
+
+    def done(self) -> set[str]:
+        return set()
+
+    def write(self, key: str, index: tuple[slice, ...], data: np.ndarray) -> None:
+        self.lower.write_region(index[0], index[1], data)
+
+    def read(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.lower.read_region(index[0], index[1])
+
+
+def cholesky(z: Tiled, out: Tiled, shift: float = 0.0) -> Tiled:
+    """Lower Cholesky factor of ``z + shift I`` into ``out`` (tiled, in this process).
+
+    The padding of the last diagonal tile is set to the identity, so that every
+    diagonal tile of the result is invertible.
+    """
+    n = z.rows
+
+    def read(rows: slice, cols: slice) -> np.ndarray:
+        region = z.read_region(rows, cols)
+        if shift:
+            r0, c0 = rows.indices(n)[0], cols.indices(n)[0]
+            d = np.arange(max(r0, c0), min(r0 + region.shape[0], c0 + region.shape[1]))
+            region[d - r0, d - c0] += shift
+        return region
+
+    lower = out.with_triangle("lower").create()
+    # panels of one block column: half the working set the tile size was chosen for
+    bound = chol.PANELS * n * np.dtype(z.dtype).itemsize * z.tile // 2
+    chol.tiled_cholesky(read, n, _TiledFactor(lower), z.tile, memory_bound=bound)
+    g, b = lower.grid[0] - 1, lower.tile
+    last = lower.read_tiles([(g, g)])[0]
+    pad = np.arange(n - g * b, b)
+    last[pad, pad] = 1
+    lower.write_tiles([(g, g)], [last])
     return lower
-
-
-def solve_right(x: Tiled, lower: Tiled, transpose: bool) -> None:
-    """In place ``X <- X L^{-T}`` (``transpose``) or ``X <- X L^{-1}``, one block row at a time.
-
-    A block row of ``X`` and one block row (or column) of ``L`` are held; unsolved
-    columns of the block row's solution are zero, so each tile is one fixed-shape gemm.
-    """
-    sc = x.scratch
-    spans = lower.spans(0)
-    order = list(range(len(spans))) if transpose else list(reversed(range(len(spans))))
-    everything = slice(None)
-    for k_row, rs in enumerate(x.spans(0)):
-        dev = sc.device(k_row)
-        row = jax.device_put(x.tile(rs, everything), dev)
-        solved = jnp.zeros_like(row)
-        for j in order:
-            # transpose: X_ij - sum_k<j Y_ik L_jk^T; else: X_ij - sum_k>j Z_ik L_kj
-            panel = (
-                lower.tile(spans[j], everything)
-                if transpose
-                else lower.tile(everything, spans[j]).T
-            )
-            ljj = lower.tile(spans[j], spans[j])
-            solved = _solve_tile(
-                row,
-                solved,
-                jax.device_put(panel, dev),
-                jax.device_put(ljj, dev),
-                np.int32(spans[j].start),
-                transpose,
-            )
-        x.data[rs] = np.asarray(solved)
-
-
-@functools.partial(jax.jit, static_argnums=(5,))
-def _solve_tile(
-    row: jax.Array, solved: jax.Array, panel: jax.Array, ljj: jax.Array, start: int, transpose: bool
-) -> jax.Array:
-    width = ljj.shape[0]
-    acc = jax.lax.dynamic_slice_in_dim(row, start, width, axis=1) - solved @ panel.T
-    tile = _trsm_lt(ljj, acc) if transpose else _trsm_l(ljj, acc)
-    return jax.lax.dynamic_update_slice_in_dim(solved, tile, start, axis=1)
