@@ -5,10 +5,12 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 1. pick a split point ``σ`` in a wide, balanced gap of the spectrum of a sampled
    principal block (Cauchy interlacing bounds the split), then other candidates;
 2. polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / |A - σI|_F`` with
-   dynamic weights from the lower bound ``l0 = eps``: while ``c > 100`` the QR-based
+   dynamic weights from a lower bound ``l0`` of its singular values: first an estimate
+   from the sampled gap (fewer steps, stopping when ``l_k`` reaches 1; if the split then
+   fails its check, the safe ``l0 = eps`` follows): while ``c > 100`` the QR-based
    step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
    ``cond <= eps^-1/2``), then the Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}``
-   with ``Z = I + c X^T X``; stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
+   with ``Z = I + c X^T X``; from eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
    scaling, combination and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
    orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
@@ -167,15 +169,20 @@ class _Context:
 
 
 # ------------------------------------------------------------------------ QDWH
-def polar_factor(ctx: _Context, x: tl.Tiled, scale: float) -> tuple[tl.Tiled, float, int]:
+def polar_factor(
+    ctx: _Context, x: tl.Tiled, scale: float, lower_bound: float = 0.0
+) -> tuple[tl.Tiled, float, int]:
     """Unitary polar factor of ``x`` by QDWH; it, its trace and the step count.
 
     ``scale >= |x|_2``: the iteration starts from ``x / scale`` (the division is fused
-    into the first step). ``x`` is consumed (released).
+    into the first step). ``lower_bound``: an estimate of the smallest singular value of
+    ``x / scale`` (at least eps is used): a larger one takes fewer steps and stops as soon
+    as the bound reaches 1; one too large may stop early (the split's check then fails).
+    ``x`` is consumed (released).
     """
     n, w = x.rows, 1.0 / scale
     eps = float(np.finfo(ctx.dtype).eps)
-    lo, tol = eps, (5 * eps) ** (1 / 3)
+    lo, tol = min(max(lower_bound, eps), 1.0), (5 * eps) ** (1 / 3)
     for step in range(1, _MAX_ITERATIONS + 1):
         a, b, c, l_next = _coefficients(lo) if lo < 1 - 10 * eps else (3.0, 1.0, 3.0, 1.0)
         z = ctx.temp(n, n)
@@ -211,7 +218,9 @@ def polar_factor(ctx: _Context, x: tl.Tiled, scale: float) -> tuple[tl.Tiled, fl
             l1.release()
         x.release()
         x, lo, w = new, l_next, 1.0
-        if lo >= 1 - 10 * eps and math.sqrt(sums["diffsq"]) <= tol:
+        # converged once the lower bound reaches 1 if it was right (an estimate: the
+        # split's check decides), else once the step is small enough
+        if lo >= 1 - 10 * eps and (lower_bound > eps or math.sqrt(sums["diffsq"]) <= tol):
             return x, sums["trace"], step
     x.release()
     raise SplitFailedError(f"QDWH did not converge in {_MAX_ITERATIONS} steps")
@@ -281,13 +290,16 @@ def _range_bases(
     return None
 
 
-def _split_points(a: tl.Tiled, memory_bound: int) -> list[float]:
-    """Candidate split points, best first, from the spectrum of a sampled principal block.
+def _split_points(a: tl.Tiled, memory_bound: int) -> list[tuple[float, float]]:
+    """Candidate split points ``σ``, best first, and each one's estimated distance to the
+    spectrum of ``A`` (0: unknown), from the spectrum of a sampled principal block.
 
     By Cauchy interlacing, a point between the ``j``-th and ``j+1``-th eigenvalues ``μ`` of
     an ``m x m`` principal submatrix leaves at least ``j`` and at most ``j + n - m``
     eigenvalues of ``A`` below it. Gaps are ranked by relative width times
     ``min(j, m - j)``: balanced splits away from clusters first; then diagonal statistics.
+    The distance of a gap's midpoint is a tenth of the gap's half-width: an estimate, not
+    a bound (the sample's eigenvalues need not be close to ``A``'s).
     """
     n, b = a.rows, a.tile
     m = math.isqrt(memory_bound // (IN_CORE_COPIES * np.dtype(a.dtype).itemsize))
@@ -303,25 +315,33 @@ def _split_points(a: tl.Tiled, memory_bound: int) -> list[float]:
     size = np.maximum(np.maximum(np.abs(mu[:-1]), np.abs(mu[1:])), np.finfo(mu.dtype).tiny)
     j = np.arange(1, len(mu))
     score = np.diff(mu) / size * np.minimum(j, len(mu) - j)
-    points = [float(mu[i] + mu[i + 1]) / 2 for i in np.argsort(-score)[:3]]
+    points = [
+        (float(mu[i] + mu[i + 1]) / 2, float(mu[i + 1] - mu[i]) / 20)
+        for i in np.argsort(-score)[:3]
+    ]
     diag = a.diagonal()
-    points += [float(np.median(diag)), float(np.mean(diag))]
-    points += [float(np.quantile(diag, 0.3)) + 1e-3 * float(diag.max() - diag.min())]
+    points += [(float(np.median(diag)), 0.0), (float(np.mean(diag)), 0.0)]
+    points += [(float(np.quantile(diag, 0.3)) + 1e-3 * float(diag.max() - diag.min()), 0.0)]
     return points[:_SPLIT_TRIES]
 
 
 def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
     """Find and store an accepted split of block ``name``: bases and both sub-blocks."""
     n = a.rows
-    for attempt, sigma in enumerate(_split_points(a, ctx.memory_bound)):
+    tries = [
+        (sigma, d)
+        for sigma, distance in _split_points(a, ctx.memory_bound)
+        for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then eps
+    ]
+    for attempt, (sigma, distance) in enumerate(tries):
         x0 = ctx.temp(n, n)
-        scale = math.sqrt(ctx.combine(a, x0, 1.0, -sigma))  # |A - σI|_F >= |A - σI|_2
-        try:
-            u, trace, _ = polar_factor(ctx, x0, max(scale, float(np.finfo(ctx.dtype).tiny)))
+        scale = max(math.sqrt(ctx.combine(a, x0, 1.0, -sigma)), float(np.finfo(ctx.dtype).tiny))
+        try:  # |A - σI|_F >= |A - σI|_2; smallest singular value of X0 about distance / scale
+            u, trace, _ = polar_factor(ctx, x0, scale, distance / scale)
         except (SplitFailedError, NotPositiveDefiniteError):
             continue
         k = round((trace + n) / 2)
-        found = None if k in (0, n) else _range_bases(ctx, a, u, k, 4 * (depth * 8 + attempt))
+        found = None if k in (0, n) else _range_bases(ctx, a, u, k, 4 * (depth * 16 + attempt))
         u.release()
         if found is None:
             continue
