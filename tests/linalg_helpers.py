@@ -7,6 +7,24 @@ import numpy as np
 from ntk_dist.store import KernelStore
 from ntk_dist.tiling import TilePlan
 
+# A child process that factors a store and SIGKILLs itself after 3 block columns:
+# argv = store path, memory bound, tile backend.
+KILLED_CHOLESKY = """
+import os, signal, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+from ntk_dist.linalg import StoredKernelOperator
+from ntk_dist.store import KernelStore
+
+def die_after_three(done, total):
+    if done == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+op = StoredKernelOperator(KernelStore.open(sys.argv[1]), memory_bound=int(sys.argv[2]),
+                          progress=die_after_three, tile_backend=sys.argv[3])
+op.cholesky()
+"""
+
 
 def mlp(params, x):
     return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import zarr
-from linalg_helpers import ill_conditioned, ntk_train, rel, store_kernel, to_2d
+from linalg_helpers import KILLED_CHOLESKY, ill_conditioned, ntk_train, rel, store_kernel, to_2d
 
 from ntk_dist.linalg import NotPositiveDefiniteError, StoredKernelOperator
 from ntk_dist.linalg.cholesky import PANELS
@@ -97,30 +97,13 @@ def test_nan_in_a_store_tile_is_reported_with_the_tile(tmp_path):
     assert not op.all_finite()
 
 
-KILLED_RUN = """
-import os, signal, sys
-import jax
-jax.config.update("jax_enable_x64", True)
-from ntk_dist.linalg import StoredKernelOperator
-from ntk_dist.store import KernelStore
-
-def die_after_three(done, total):
-    if done == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-op = StoredKernelOperator(KernelStore.open(sys.argv[1]), memory_bound=int(sys.argv[2]),
-                          progress=die_after_three)
-op.cholesky()
-"""
-
-
 def test_killed_factorisation_resumes(tmp_path):
     a = ill_conditioned(100, cond=1e6)
     store_kernel(tmp_path / "k", a, block=9)
     bound = tiled_bound(100, 12)  # 9 block columns
     script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "k"), str(bound)])
+    script.write_text(KILLED_CHOLESKY)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "k"), str(bound), "auto"])
     assert proc.returncode == -9
     progress = []
     op = StoredKernelOperator(

@@ -14,29 +14,13 @@ import jax
 import numpy as np
 import pytest
 import zarr
-from linalg_helpers import ill_conditioned, ntk_train, rel, store_kernel, to_2d
+from linalg_helpers import KILLED_CHOLESKY, ill_conditioned, ntk_train, rel, store_kernel, to_2d
 
 from ntk_dist.linalg import StoredKernelOperator
 from ntk_dist.linalg.cholesky import PANELS, choose_tile_backend
 
 BOTH = ("host", "device")
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-
-KILLED = """
-import os, signal, sys
-import jax
-jax.config.update("jax_enable_x64", True)
-from ntk_dist.linalg import StoredKernelOperator
-from ntk_dist.store import KernelStore
-
-def die_after_three(done, total):
-    if done == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-op = StoredKernelOperator(KernelStore.open(sys.argv[1]), memory_bound=int(sys.argv[2]),
-                          progress=die_after_three, tile_backend="device")
-op.cholesky()
-"""
 
 CHECKS = """
 import json, sys
@@ -97,8 +81,14 @@ def test_device_tile_backend_on_four_cpu_devices(tmp_path):
         cases[name] = (bound_for(len(to_2d(k)), tile), backend)
 
     script = tmp_path / "killed.py"
-    script.write_text(KILLED)
-    killed = [sys.executable, str(script), str(tmp_path / "resumed"), str(cases["resumed"][0])]
+    script.write_text(KILLED_CHOLESKY)
+    killed = [
+        sys.executable,
+        str(script),
+        str(tmp_path / "resumed"),
+        str(cases["resumed"][0]),
+        "device",
+    ]
     assert subprocess.run(killed, env=FOUR_DEVICES).returncode == -9
     script = tmp_path / "checks.py"
     script.write_text(CHECKS)
