@@ -1,5 +1,6 @@
 """Out-of-core eigh (spectral divide and conquer, tiled QDWH) against numpy LAPACK."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,39 @@ def test_out_of_core_eigh_of_a_store_matches_lapack_and_is_reused(tmp_path, name
     again = StoredKernelOperator(KernelStore.open(tmp_path / "k"), memory_bound=bound)
     again.eigh()
     assert again.factorizations == {} and again.reused == {"eigh": 1}
+
+
+@pytest.mark.parametrize(
+    "bulk, outliers, method, splits",
+    [("random", 6, "reflector", 2), ("identity", 6, "reflector", 1), ("random", 60, "bases", 1)],
+)
+def test_reflector_and_bases_splits_match_lapack(tmp_path, bulk, outliers, method, splits):
+    # a few outliers: the smaller side's n x s arrays fit the bound, so the top split is
+    # one block reflector (its larger child, random or 0.8 I, splits again or is I);
+    # 60 of 130 do not fit it: orthonormal bases of both sides
+    rng = np.random.default_rng(3)
+    n = 130
+    body = 0.5 + rng.random(n - outliers) if bulk == "random" else np.full(n - outliers, 0.8)
+    a = clustered(n, np.concatenate([body, 50 + rng.random(outliers)]), seed=4)
+    scratch, methods = tmp_path / "scratch", []
+
+    def seen(key):
+        if key.startswith("split_"):
+            with open(scratch / "ledger" / f"{key}.json") as f:
+                methods.append((key, json.load(f)["method"]))
+
+    w, v = divide_and_conquer_eigh(
+        lambda r, c: a[r, c],
+        n,
+        np.float64,
+        40,
+        in_core_up_to(60),
+        scratch_dir=str(scratch),
+        progress=seen,
+    )
+    check(a, w, v)
+    assert methods[0] == ("split_r", method)
+    assert len(methods) >= splits  # 124 random eigenvalues do not fit in core: split again
 
 
 def test_repeated_eigenvalues_and_a_multiple_of_the_identity_block():

@@ -53,6 +53,7 @@ __all__ = ["SplitFailedError", "divide_and_conquer_eigh", "polar_factor", "scrat
 
 IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, workspace
 HOST_LEAF_COPIES = 2  # a host leaf: the block, overwritten by LAPACK's dsyevr, and V
+REFLECTOR_COPIES = 8  # n x s arrays a reflector split holds: V, W2, [V W2], [W2 V], rows
 SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see scratch_bytes)
 _QR_CUTOFF = 100.0
 _MAX_ITERATIONS = 30
@@ -99,15 +100,42 @@ class _Context:
     scale: float = 1.0
     temps: int = 0
     recorded: list[str] = field(default_factory=list)
+    free: list[str] = field(default_factory=list)  # released files, reused by new()
 
     # ----------------------------------------------------------- matrices
     def matrix(self, name: str, rows: int, cols: int, triangle: str | None = None) -> tl.Tiled:
         path = os.path.join(self.folder, name)
         return tl.Tiled(path, rows, cols, self.tile, self.dtype.name, triangle)
 
+    def new(self, name: str, rows: int, cols: int, triangle: str | None = None) -> tl.Tiled:
+        """Matrix ``name`` on the smallest released file that holds it, else a new file.
+
+        Its tiles hold stale data until written (every job writes each tile of the rows
+        it makes, so none is read before). Writing over a file's cached pages is ~40x
+        faster than into a new (sparse) file here.
+        """
+        matrix = self.matrix(name, rows, cols, triangle)
+        fits = [f for f in self.free if os.path.getsize(f) >= matrix.nbytes]
+        if not fits:
+            return matrix.create()
+        recycled = min(fits, key=os.path.getsize)
+        self.free.remove(recycled)
+        os.replace(recycled, matrix.path)
+        return matrix
+
     def temp(self, rows: int, cols: int, triangle: str | None = None) -> tl.Tiled:
         self.temps += 1
-        return self.matrix(f"tmp/{self.temps}", rows, cols, triangle).create()
+        return self.new(f"tmp/{self.temps}", rows, cols, triangle)
+
+    def release(self, *matrices: tl.Tiled | tl.Factor) -> None:
+        """Keep the files of ``matrices`` (in ``tmp/``, wiped on a rerun) for :meth:`new`."""
+        for m in matrices:
+            if isinstance(m, tl.Factor):
+                self.release(m.lower, m.inverses)
+            elif os.path.exists(m.path):
+                self.temps += 1
+                self.free.append(os.path.join(self.folder, "tmp", f"free-{self.temps}"))
+                os.replace(m.path, self.free[-1])
 
     # ------------------------------------------------------------- ledger
     def done(self, key: str) -> dict | None:
@@ -146,12 +174,16 @@ class _Context:
     def solve(
         self,
         x: tl.Tiled | None,
-        factors: Sequence[tuple[tl.Tiled, bool]],
+        factors: Sequence[tuple[tl.Factor, bool]],
         out: tl.Tiled,
         alpha: float = 1.0,
         beta: float = 0.0,
+        symmetric: bool = False,
     ) -> tl.Reductions:
-        jobs = [tl.SolveJob(x, tuple(factors), out, i, alpha, beta) for i in range(out.grid[0])]
+        jobs = [
+            tl.SolveJob(x, tuple(factors), out, i, alpha, beta, symmetric)
+            for i in range(out.grid[0])
+        ]
         return self.runner.run(jobs)
 
     def combine(self, a: tl.Tiled, out: tl.Tiled | None, alpha: float, gamma: float) -> float:
@@ -164,8 +196,9 @@ class _Context:
         self.runner.run([tl.RandomJob(out, i, seed) for i in range(out.grid[0])])
         return out
 
-    def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Tiled:
-        return tl.cholesky(z, self.temp(z.rows, z.cols), shift)
+    def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Factor:
+        inverses = self.temp(self.tile, z.grid[0] * self.tile)
+        return tl.cholesky(z, self.temp(z.rows, z.cols), inverses, shift)
 
 
 # ------------------------------------------------------------------------ QDWH
@@ -190,39 +223,41 @@ def polar_factor(
         try:
             l1 = ctx.cholesky(z)
         finally:
-            z.release()
+            ctx.release(z)
         new = ctx.temp(n, n)
         if c > _QR_CUTOFF:  # QR of [sqrt(c) X; I] by CholeskyQR2
             q1, q2 = ctx.temp(n, n), ctx.temp(n, n, "upper")
             ctx.solve(x, [(l1, True)], q1, alpha=math.sqrt(c) * w)  # sqrt(c) X L1^-T
             ctx.solve(None, [(l1, True)], q2)  # L1^-T
-            l1.release()
+            ctx.release(l1)
             g = ctx.temp(n, n)
             ctx.product(tl.Term(q1, q1, trans_a=True), g, lower=True)
             ctx.product(tl.Term(q2, q2, trans_a=True), g, lower=True, add=g, beta=1.0)
             try:
                 l2 = ctx.cholesky(g)
             finally:
-                g.release()
+                ctx.release(g)
             ctx.solve(q1, [(l2, True)], q1)
             ctx.solve(q2, [(l2, True)], q2)
-            l2.release()
+            ctx.release(l2)
             weight = (a - b / c) / math.sqrt(c)
-            sums = ctx.product(tl.Term(q1, q2, weight, trans_b=True), new, add=x, beta=b / c * w)
-            q1.release()
-            q2.release()
-        else:  # (b/c) X + (a - b/c) X L^-T L^-1
-            sums = ctx.solve(
-                x, [(l1, True), (l1, False)], new, alpha=(a - b / c) * w, beta=b / c * w
+            sums = ctx.product(  # symmetric, as X: the lower tiles, mirrored
+                tl.Term(q1, q2, weight, trans_b=True), new, True, x, b / c * w
             )
-            l1.release()
-        x.release()
+            ctx.release(q1)
+            ctx.release(q2)
+        else:  # (b/c) X + (a - b/c) X L^-T L^-1
+            sums = ctx.solve(  # X and Z^{-1} commute: the result is symmetric
+                x, [(l1, True), (l1, False)], new, (a - b / c) * w, b / c * w, symmetric=True
+            )
+            ctx.release(l1)
+        ctx.release(x)
         x, lo, w = new, l_next, 1.0
         # converged once the lower bound reaches 1 if it was right (an estimate: the
         # split's check decides), else once the step is small enough
         if lo >= 1 - 10 * eps and (lower_bound > eps or math.sqrt(sums["diffsq"]) <= tol):
             return x, sums["trace"], step
-    x.release()
+    ctx.release(x)
     raise SplitFailedError(f"QDWH did not converge in {_MAX_ITERATIONS} steps")
 
 
@@ -237,9 +272,9 @@ def _orthonormalize(ctx: _Context, y: tl.Tiled, passes: Sequence[bool]) -> None:
         try:
             lower = ctx.cholesky(g, shift)
         finally:
-            g.release()
+            ctx.release(g)
         ctx.solve(y, [(lower, True)], y)
-        lower.release()
+        ctx.release(lower)
 
 
 def _range_bases(
@@ -256,7 +291,7 @@ def _range_bases(
         omega = ctx.random(n, cols, seed + offset)
         y = ctx.temp(n, cols)
         ctx.product(tl.Term(u, omega, sign), y, add=omega, beta=0.5)
-        omega.release()
+        ctx.release(omega)
         bases.append(y)
     below, above = bases
     try:
@@ -282,11 +317,11 @@ def _range_bases(
                 ctx.tol * ctx.scale
             ):
                 return below, above, aq
-            aq.release()
+            ctx.release(aq)
     except NotPositiveDefiniteError:  # a rank-deficient start: the projector was not clean
         pass
-    below.release()
-    above.release()
+    ctx.release(below)
+    ctx.release(above)
     return None
 
 
@@ -325,8 +360,110 @@ def _split_points(a: tl.Tiled, memory_bound: int) -> list[tuple[float, float]]:
     return points[:_SPLIT_TRIES]
 
 
+def _block_reflector(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``V``, ``T`` of the Householder QR of the ``n x s`` matrix ``y`` in compact WY form.
+
+    ``Q = I - V T V^T`` (``V`` unit lower trapezoidal, ``T`` upper triangular, as LAPACK's
+    larft forms it) is orthogonal and its first ``s`` columns span ``range(y)``.
+    """
+    h, tau = np.linalg.qr(y, mode="raw")  # LAPACK's geqrf output, transposed
+    s = y.shape[1]
+    v = np.tril(h.T, -1)
+    v[np.arange(s), np.arange(s)] = 1
+    gram = v.T @ v
+    t = np.zeros((s, s), y.dtype)
+    for i in range(s):
+        t[i, i] = tau[i]
+        t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
+    return v, t
+
+
+def _reflector_split(
+    ctx: _Context, name: str, a: tl.Tiled, u: tl.Tiled, k: int, seed: int
+) -> dict | None:
+    """A split by one block reflector from the smaller side's basis (held in memory), or None.
+
+    ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``, ``s``
+    columns; rows reversed, so that ``range(P Ω)`` is spanned by the last ``s`` columns of
+    ``Q``). ``Q^T A Q = A - W2 V^T - V W2^T`` with ``W = A V T`` and
+    ``W2 = W - V (T^T V^T W) / 2`` takes two passes over ``A`` and ``4 n^2 s`` flops,
+    instead of forming, orthonormalising and projecting onto an ``n x (n - s)`` basis of
+    the larger side. Its leading ``m = n - s`` block is the larger child, its last ``s``
+    rows hold the smaller child and the coupling (None if that is above the tolerance).
+    """
+    n = a.rows
+    small_above = k <= n - k
+    s = k if small_above else n - k
+    m = n - s
+    omega = ctx.random(n, s, seed)
+    y = ctx.temp(n, s)
+    ctx.product(tl.Term(u, omega, 0.5 if small_above else -0.5), y, add=omega, beta=0.5)
+    ctx.release(omega)
+    v, t = _block_reflector(y.read_region(slice(None), slice(None))[::-1])
+    ctx.release(y)
+    v = np.ascontiguousarray(v[::-1])
+    vt = ctx.temp(n, s)
+    vt.write_region(slice(None), slice(None), v @ t)
+    w = ctx.temp(n, s)
+    ctx.product(tl.Term(a, vt), w)
+    ctx.release(vt)
+    w2 = w.read_region(slice(None), slice(None))
+    ctx.release(w)
+    w2 -= v @ (t.T @ (v.T @ w2)) / 2
+    last = a.read_region(slice(m, n), slice(None)) - w2[m:] @ v.T - v[m:] @ w2.T
+    if np.linalg.norm(last[:, :m]) > ctx.tol * ctx.scale:
+        return None
+    small = (last[:, m:] + last[:, m:].T) / 2
+    left, right = ctx.temp(m, 2 * s), ctx.temp(m, 2 * s)
+    left.write_region(slice(None), slice(None), np.hstack([v[:m], w2[:m]]))
+    right.write_region(slice(None), slice(None), -np.hstack([w2[:m], v[:m]]))
+    big_name, small_name = (name + "0", name + "1") if small_above else (name + "1", name + "0")
+    big_sums = ctx.product(
+        tl.Term(left, right, trans_b=True), ctx.new(big_name + ".a", m, m), True, a, 1.0
+    )
+    ctx.release(left, right)
+    ctx.new(small_name + ".a", s, s).write_region(slice(None), slice(None), small)
+    np.save(os.path.join(ctx.folder, name + ".v.npy"), v)
+    np.save(os.path.join(ctx.folder, name + ".t.npy"), t)
+    small_sums = {"sumsq": float(np.sum(small * small)), "trace": float(np.trace(small))}
+    return {
+        "k": k,
+        "method": "reflector",
+        "children": [
+            {"name": big_name, "size": m, **big_sums},
+            {"name": small_name, "size": s, "last": True, **small_sums},
+        ],
+    }
+
+
+def _bases_split(
+    ctx: _Context, name: str, a: tl.Tiled, u: tl.Tiled, k: int, seed: int
+) -> dict | None:
+    """A split by orthonormal bases of both sides (``Q_i``, ``n x size``), or None."""
+    n = a.rows
+    found = _range_bases(ctx, a, u, k, seed)
+    if found is None:
+        return None
+    below, above, aq_above = found
+    info: dict = {"k": k, "method": "bases", "children": []}
+    for child, q, aq in ((name + "0", below, None), (name + "1", above, aq_above)):
+        if aq is None:
+            aq = ctx.temp(n, q.cols)
+            ctx.product(tl.Term(a, q), aq)
+        block = ctx.new(child + ".a", q.cols, q.cols)
+        child_sums = ctx.product(tl.Term(q, aq, trans_a=True), block, lower=True)
+        ctx.release(aq)
+        os.replace(q.path, os.path.join(ctx.folder, child + ".q"))
+        info["children"].append({"name": child, "size": q.cols, **child_sums})
+    return info
+
+
 def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
-    """Find and store an accepted split of block ``name``: bases and both sub-blocks."""
+    """Find and store an accepted split of block ``name``: its method and both sub-blocks.
+
+    The block-reflector split when the smaller side's ``n x s`` arrays fit the bound
+    (``REFLECTOR_COPIES`` of them), else (or if it fails its check) bases of both sides.
+    """
     n = a.rows
     tries = [
         (sigma, d)
@@ -341,23 +478,18 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         except (SplitFailedError, NotPositiveDefiniteError):
             continue
         k = round((trace + n) / 2)
-        found = None if k in (0, n) else _range_bases(ctx, a, u, k, 4 * (depth * 16 + attempt))
-        u.release()
-        if found is None:
-            continue
-        below, above, aq_above = found
-        info: dict = {"k": k, "children": []}
-        for child, q, aq in ((name + "0", below, None), (name + "1", above, aq_above)):
-            if aq is None:
-                aq = ctx.temp(n, q.cols)
-                ctx.product(tl.Term(a, q), aq)
-            block = ctx.matrix(child + ".a", q.cols, q.cols).create()
-            child_sums = ctx.product(tl.Term(q, aq, trans_a=True), block, lower=True)
-            aq.release()
-            os.replace(q.path, os.path.join(ctx.folder, child + ".q"))
-            info["children"].append({"name": child, "size": q.cols, **child_sums})
-        ctx.record(f"split_{name}", info)
-        return info
+        seed = 4 * (depth * 16 + attempt)
+        info = None
+        if k not in (0, n) and REFLECTOR_COPIES * n * min(k, n - k) * ctx.dtype.itemsize <= (
+            ctx.memory_bound
+        ):
+            info = _reflector_split(ctx, name, a, u, k, seed)
+        if info is None and k not in (0, n):
+            info = _bases_split(ctx, name, a, u, k, seed)
+        ctx.release(u)
+        if info is not None:
+            ctx.record(f"split_{name}", info)
+            return info
     raise SplitFailedError(
         f"no accurate spectral split of a {n} x {n} block after {_SPLIT_TRIES} split points; "
         "raise memory_bound so that it fits the in-core eigh"
@@ -379,7 +511,7 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
         else:
             w, v = map(np.asarray, jnp.linalg.eigh(jax.device_put(dense, ctx.device)))
         del dense
-        ctx.matrix(name + ".v0", n, n).create().write_region(slice(None), slice(None), v)
+        ctx.new(name + ".v0", n, n).write_region(slice(None), slice(None), v)
         info = {"parts": [name + ".v0"], "sizes": [n], "values": values_file}
     else:
         mean = sums["trace"] / n
@@ -393,7 +525,7 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     used = info.pop("_used", [])
     ctx.record(f"done_{name}", info)
     for f in used:  # the children's files, now that this block's parts replace them
-        ctx.matrix(f, 0, 0).release()
+        ctx.release(ctx.matrix(f, 0, 0))
     return info
 
 
@@ -406,19 +538,57 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
         info = _block(ctx, child["name"], child["size"], child, depth + 1)
         q = ctx.matrix(child["name"] + ".q", n, child["size"])
         for part, size in zip(info["parts"], info["sizes"], strict=True):
-            out = ctx.matrix(f"{name}.v{len(parts)}", n, size)
-            if part == _IDENTITY:
+            out = ctx.new(f"{name}.v{len(parts)}", n, size)
+            if split.get("method") == "reflector":
+                _reflect_part(ctx, name, child.get("last", False), part, out)
+            elif part == _IDENTITY:
                 shutil.copyfile(q.path, out.path)
             else:
-                ctx.product(tl.Term(q, ctx.matrix(part, child["size"], size)), out.create())
+                ctx.product(tl.Term(q, ctx.matrix(part, child["size"], size)), out)
+            if part != _IDENTITY:
                 used.append(part)
             parts.append(out.path.removeprefix(ctx.folder + os.sep))
             sizes.append(size)
         values.append(info["values"])
         used += [child["name"] + ".q", child["name"] + ".a"]
-    used += values
+    used += values + [name + ".v.npy", name + ".t.npy"]
     info = {"parts": parts, "sizes": sizes, "values": name + ".w.npy"}
     return {**info, "_values": values, "_used": used}  # _used: deleted once this is recorded
+
+
+def _reflect_part(ctx: _Context, name: str, last: bool, part: str, out: tl.Tiled) -> None:
+    """``out = Q_child part`` for a reflector split (``Q = I - V T V^T`` of block ``name``).
+
+    The larger child holds the first ``m`` coordinates: ``[part; 0] - V (T (V_m^T part))``,
+    two passes of products. The smaller child (``last``, ``s`` coordinates, a leaf) is
+    done in memory: ``(E_last - V T V[m:]^T) part``.
+    """
+    v = np.load(os.path.join(ctx.folder, name + ".v.npy"))
+    t = np.load(os.path.join(ctx.folder, name + ".t.npy"))
+    n, s = v.shape
+    m = n - s
+    if last:
+        q = -v @ (t @ v[m:].T)
+        q[m:] += np.eye(s, dtype=q.dtype)
+        if part != _IDENTITY:
+            q = q @ ctx.matrix(part, s, out.cols).read_region(slice(None), slice(None))
+        out.write_region(slice(None), slice(None), q)
+        return
+    v_all = ctx.temp(n, s)
+    v_all.write_region(slice(None), slice(None), v)
+    y = ctx.temp(s, out.cols)
+    if part == _IDENTITY:  # Q[:, :m] = E_m - V T V[:m]^T
+        y.write_region(slice(None), slice(None), t @ v[:m].T)
+        ctx.product(tl.Term(v_all, y, -1.0), out, gamma=1.0)
+    else:
+        block = ctx.matrix(part, m, out.cols)
+        v_top = ctx.temp(m, s)
+        v_top.write_region(slice(None), slice(None), v[:m])
+        ctx.product(tl.Term(v_top, block, trans_a=True), y)
+        ctx.release(v_top)
+        y.write_region(slice(None), slice(None), t @ y.read_region(slice(None), slice(None)))
+        ctx.product(tl.Term(v_all, y, -1.0), out, add=block, beta=1.0)
+    ctx.release(v_all, y)
 
 
 def _input(

@@ -11,21 +11,24 @@ The work is cut into jobs that each produce one row of output tiles:
 - :class:`ProductJob`: ``alpha op(A) op(B) + beta D + gamma I`` (optionally only the
   lower triangle, mirrored; tiles known to be zero in triangular operands are skipped),
   holding one row panel of ``op(A)`` and one column panel of ``op(B)``;
-- :class:`SolveJob`: ``alpha X L^{-T} [L^{-1}] + beta X`` for lower factors ``L``;
+- :class:`SolveJob`: ``alpha X L^{-T} [L^{-1}] + beta X`` for lower factors ``L`` (a
+  :class:`Factor` carries the inverses of its diagonal tiles, so every step of a solve
+  is a gemm);
 - :class:`CombineJob` (``alpha A + gamma I``) and :class:`RandomJob` (Gaussian tiles).
 
 Each job returns the sums the algorithm needs next (squared Frobenius norm, trace,
 squared distance to ``D`` or ``X``), so no extra pass over a matrix computes them.
 A runner executes a list of independent jobs: :class:`LocalRunner` in this process
-(host BLAS/LAPACK through numpy/scipy, or jitted JAX kernels on the given devices, round
-robin), :class:`RayRunner` as Ray tasks spread over the nodes of a cluster that shares
-the scratch folder (a local cluster shares the disk). The Cholesky factorisations run in
-the calling process by :func:`ntk_dist.linalg.cholesky.tiled_cholesky`.
+(host BLAS through numpy only: numpy and scipy bundle separate OpenBLAS builds whose
+idle threads spin, and alternating between them made every call ~5x slower; or jitted
+JAX kernels on the given devices, round robin), :class:`RayRunner` as Ray tasks spread
+over the nodes of a cluster that shares the scratch folder (a local cluster shares the
+disk). The Cholesky factorisations run in the calling process by
+:func:`ntk_dist.linalg.cholesky.tiled_cholesky`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -42,6 +45,7 @@ from ntk_dist.linalg import cholesky as chol
 __all__ = [
     "CombineJob",
     "DeviceKernels",
+    "Factor",
     "HostKernels",
     "LocalRunner",
     "ProductJob",
@@ -81,11 +85,16 @@ class Tiled:
     def _tile_bytes(self) -> int:
         return self.tile * self.tile * np.dtype(self.dtype).itemsize
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the file: every (padded) tile, at least one."""
+        gr, gc = self.grid
+        return max(gr * gc, 1) * self._tile_bytes
+
     def create(self) -> Tiled:
         """Create the zero-filled file (a sparse file: zeros cost no disk until written)."""
-        gr, gc = self.grid
         with open(self.path, "wb") as f:
-            f.truncate(max(gr * gc, 1) * self._tile_bytes)
+            f.truncate(self.nbytes)
         return self
 
     def release(self) -> None:
@@ -211,15 +220,13 @@ def _add(total: Reductions, part: Reductions) -> None:
 
 # ---------------------------------------------------------------------- kernels
 class Kernels(Protocol):
-    """Tile arithmetic of the jobs: on the host (numpy/scipy) or on a JAX device."""
+    """Tile arithmetic of the jobs: on the host (numpy) or on a JAX device."""
 
     def prepare(self, panel: np.ndarray) -> Any: ...
 
     def product(self, prepared: Any, k0: int, k1: int, tiles: np.ndarray) -> np.ndarray: ...
 
     def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray: ...
-
-    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray: ...
 
 
 class HostKernels:
@@ -236,14 +243,6 @@ class HostKernels:
     def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         return left @ right
 
-    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:
-        """``x L^{-T}`` (``transpose``) or ``x L^{-1}`` for the lower triangular ``L = diag``."""
-        # as a left-side solve on x^T: OpenBLAS's right-side trsm is ~4x slower
-        solved = scipy.linalg.solve_triangular(
-            diag, x.T, lower=True, trans=0 if transpose else 1, check_finite=False
-        )
-        return solved.T
-
 
 @jax.jit
 def _tile_sum(left: jax.Array, right: jax.Array) -> jax.Array:
@@ -251,12 +250,6 @@ def _tile_sum(left: jax.Array, right: jax.Array) -> jax.Array:
 
 
 _matmul = jax.jit(jnp.matmul)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _tile_trsm(diag: jax.Array, x: jax.Array, transpose: bool) -> jax.Array:
-    trans = "N" if transpose else "T"  # x L^{-T} = (L^{-1} x^T)^T, x L^{-1} = (L^{-T} x^T)^T
-    return jax.scipy.linalg.solve_triangular(diag, x.T, lower=True, trans=trans).T
 
 
 class DeviceKernels:
@@ -278,9 +271,6 @@ class DeviceKernels:
     def matmul(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         return np.asarray(_matmul(self._put(left), self._put(right)))
 
-    def trsm(self, diag: np.ndarray, x: np.ndarray, transpose: bool) -> np.ndarray:
-        return np.asarray(_tile_trsm(self._put(diag), self._put(x), transpose))
-
 
 # ------------------------------------------------------------------------- jobs
 @dataclass(frozen=True)
@@ -299,7 +289,8 @@ class ProductJob:
     """Row ``row`` of output tiles of ``term + beta * add + gamma * I``.
 
     ``out=None`` computes only the sums; ``lower`` computes tiles ``j <= row`` and
-    mirrors them (a symmetric result; ``out`` may be ``add``). ``diffsq`` is the
+    mirrors them (a symmetric result; ``out`` may be ``add``). ``add`` may be larger or
+    smaller than the output (see :meth:`_added`). ``diffsq`` is the
     squared distance to ``add``. Holds one row panel of ``op(A)`` and one column panel
     of ``op(B)``; output tiles are written as they are made.
     """
@@ -311,6 +302,19 @@ class ProductJob:
     add: Tiled | None = None
     beta: float = 0.0
     gamma: float = 0.0
+
+    def _added(self, i: int, j: int, rows: int, cols: int) -> np.ndarray:
+        """Tile ``(i, j)`` of ``add`` within the output's ``rows x cols`` (zero outside).
+
+        ``add`` may be larger (its leading block is used) or smaller (zero-extended).
+        """
+        b = self.add.tile
+        if i >= self.add.grid[0] or j >= self.add.grid[1]:
+            return np.zeros((b, b), self.add.dtype)
+        tile = self.add.read_tiles([(i, j)])[0]
+        tile[max(0, rows - i * b) :] = 0
+        tile[:, max(0, cols - j * b) :] = 0
+        return tile
 
     def run(self, kernels: Kernels) -> Reductions:
         t, i = self.term, self.row
@@ -331,7 +335,7 @@ class ProductJob:
                 acc = (acc + acc.T) / 2
             weight = 2.0 if self.lower and j < i else 1.0
             if self.add is not None:
-                added = self.add.read_tiles([(i, j)])[0]
+                added = self._added(i, j, rows, cols)
                 acc += self.beta * added
                 sums["diffsq"] += weight * float(np.sum((acc - added) ** 2))
             if self.gamma and i == j:
@@ -344,20 +348,41 @@ class ProductJob:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """A lower triangular ``L`` and the inverses of its diagonal tiles (``1 x g`` tiles).
+
+    With ``L_jj^{-1}`` at hand each step of a blocked solve is a gemm (``x L_jj^{-T}`` is
+    ``x @ inverse.T``); the diagonal tiles of the factors the eigh solves with are
+    well conditioned (``Z = I + c X^T X`` with ``c <= 100``, or the second CholeskyQR pass).
+    """
+
+    lower: Tiled
+    inverses: Tiled
+
+    def release(self) -> None:
+        self.lower.release()
+        self.inverses.release()
+
+
+@dataclass(frozen=True)
 class SolveJob:
     """Row ``row`` of ``alpha X L_1^{-T} L_2^{-1} ... + beta X`` (``x=None``: ``X = I``).
 
-    ``factors`` lists ``(L, transpose)``: ``X <- X L^{-T}`` if ``transpose`` else
+    ``factors`` lists ``(Factor, transpose)``: ``X <- X L^{-T}`` if ``transpose`` else
     ``X <- X L^{-1}``, in order. ``diffsq`` is the squared distance to ``X``. Holds
-    the row panel being solved and one row (or column) panel of ``L``.
+    the row panel being solved and one row (or column) panel of ``L``. ``symmetric``:
+    the result is symmetric and the last solve a backward one (``X L^{-T} L^{-1}`` for a
+    symmetric ``X`` commuting with ``L L^T``): it stops at column block ``row``, so only
+    tiles ``(row, j >= row)`` are made (a third of that solve's flops) and mirrored.
     """
 
     x: Tiled | None
-    factors: tuple[tuple[Tiled, bool], ...]
+    factors: tuple[tuple[Factor, bool], ...]
     out: Tiled
     row: int
     alpha: float = 1.0
     beta: float = 0.0
+    symmetric: bool = False
 
     def _x(self, j: int) -> np.ndarray:
         """Tile ``(row, j)`` of ``X``."""
@@ -376,8 +401,10 @@ class SolveJob:
         else:
             y = self.x.op_row(i, range(g), False)
             lead = i if self.x.triangle == "upper" else 0
-        for lower, transpose in self.factors:
-            for j in range(lead, g) if transpose else range(g - 1, -1, -1):
+        first = i if self.symmetric else 0  # the first column block the result needs
+        for factor, transpose in self.factors:
+            lower = factor.lower
+            for j in range(lead, g) if transpose else range(g - 1, first - 1, -1):
                 acc = y[:, j * b : (j + 1) * b]
                 if transpose and j > lead:  # y_j - sum_{lead<=k<j} y_k L_jk^T
                     row = lower.op_row(j, range(lead, j), False)
@@ -385,16 +412,20 @@ class SolveJob:
                 elif not transpose and j < g - 1:  # y_j - sum_{k>j} y_k L_kj
                     col = lower.op_col(j, range(j + 1, g), False).reshape(-1, b)
                     acc = acc - kernels.matmul(y[:, (j + 1) * b :], col)
-                diag = lower.read_tiles([(j, j)])[0]
-                y[:, j * b : (j + 1) * b] = kernels.trsm(diag, acc, transpose)
+                inverse = factor.inverses.read_tiles([(0, j)])[0]
+                y[:, j * b : (j + 1) * b] = kernels.matmul(acc, inverse.T if transpose else inverse)
             lead = lead if transpose else 0
         sums: Reductions = {"sumsq": 0.0, "trace": 0.0, "diffsq": 0.0}
-        for j in range(g):  # written a tile at a time
+        for j in range(first, g):  # written a tile at a time
             x = self._x(j)
             t = self.alpha * y[:, j * b : (j + 1) * b] + self.beta * x
-            _add(sums, _sums(t, j == i))
-            sums["diffsq"] += float(np.sum((t - x) ** 2))
-            out.write_tiles([(i, j)], [t])
+            if self.symmetric and j == i:
+                t = (t + t.T) / 2
+            weight = 2.0 if self.symmetric and j > i else 1.0
+            _add(sums, _sums(t, j == i, weight))
+            sums["diffsq"] += weight * float(np.sum((t - x) ** 2))
+            mirror = ([(j, i)], [t.T]) if weight == 2.0 else ([], [])
+            out.write_tiles([(i, j), *mirror[0]], [t, *mirror[1]])
         return sums
 
 
@@ -524,11 +555,14 @@ class _TiledFactor:
         return self.lower.read_region(index[0], index[1])
 
 
-def cholesky(z: Tiled, out: Tiled, shift: float = 0.0) -> Tiled:
+def cholesky(z: Tiled, out: Tiled, inverses: Tiled, shift: float = 0.0) -> Factor:
     """Lower Cholesky factor of ``z + shift I`` into ``out`` (tiled, in this process).
 
-    The padding of the last diagonal tile is set to the identity, so that every
-    diagonal tile of the result is invertible.
+    ``out`` and ``inverses`` (``b x g b``) are existing files; only the lower tiles of
+    ``out`` are written (the others are never read). The padding of the last diagonal
+    tile is set to the identity, so that every diagonal tile of the result is invertible;
+    their inverses go to ``inverses`` (by LAPACK's trtri, from the same library as the
+    factorisation).
     """
     n = z.rows
 
@@ -540,7 +574,7 @@ def cholesky(z: Tiled, out: Tiled, shift: float = 0.0) -> Tiled:
             region[d - r0, d - c0] += shift
         return region
 
-    lower = out.with_triangle("lower").create()
+    lower = out.with_triangle("lower")
     # panels of one block column: half the working set the tile size was chosen for
     bound = chol.PANELS * n * np.dtype(z.dtype).itemsize * z.tile // 2
     chol.tiled_cholesky(read, n, _TiledFactor(lower), z.tile, memory_bound=bound)
@@ -549,4 +583,7 @@ def cholesky(z: Tiled, out: Tiled, shift: float = 0.0) -> Tiled:
     pad = np.arange(n - g * b, b)
     last[pad, pad] = 1
     lower.write_tiles([(g, g)], [last])
-    return lower
+    (trtri,) = scipy.linalg.get_lapack_funcs(("trtri",), (last,))
+    diagonal = lower.read_tiles([(j, j) for j in range(g + 1)])
+    inverses.write_tiles([(0, j) for j in range(g + 1)], [trtri(t, lower=1)[0] for t in diagonal])
+    return Factor(lower, inverses)
