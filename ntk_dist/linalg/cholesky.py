@@ -1,8 +1,8 @@
 """Cholesky factorisation of a kernel that may not fit in memory, stored tile by tile.
 
-``K = L L^T`` is computed in core (LAPACK) when ``IN_CORE_COPIES`` copies of ``K`` fit
-the memory bound; otherwise by a left-looking algorithm over panels of block columns
-(``b x b`` tiles; the store's chunks and the ledger's unit). For a panel ``J`` of
+``K = L L^T`` of a stored kernel is computed by a left-looking algorithm over panels of
+block columns (``b x b`` tiles; the store's chunks and the ledger's unit), whether or
+not ``K`` fits in memory (kernels in memory use LAPACK directly). For a panel ``J`` of
 columns starting at row ``j0``::
 
     A_:J = K_:J - sum_{K < j0} L_:K L_JK^T    (one gemm per strip of earlier columns)
@@ -50,11 +50,10 @@ from ntk_dist.linalg.operator import CholeskyFactor, NotPositiveDefiniteError, f
 from ntk_dist.progress import ProgressReporter
 
 __all__ = [
-    "IN_CORE_COPIES",
     "PANELS",
+    "STREAM_TILE",
     "TILE_BACKENDS",
     "StoredCholeskyFactor",
-    "cholesky_in_core",
     "cholesky_tile_size",
     "check_tile_backend",
     "choose_tile_backend",
@@ -64,10 +63,9 @@ __all__ = [
     "potrf",
     "tile_key",
     "tiled_cholesky",
-    "write_factor",
 ]
 
-IN_CORE_COPIES = 3  # K, L and one working copy
+STREAM_TILE = 512  # largest tile of a stored kernel's factor (measured fastest at N = 4096)
 PANELS = 4  # a panel takes a quarter of the bound (the previous one another, strips the rest)
 STRIPS = 8  # each of the two strips in flight takes an eighth of the bound
 TILE_BACKENDS = ("auto", "host", "device")
@@ -108,12 +106,6 @@ def potrf(a: np.ndarray, offset: int, n: int) -> np.ndarray:
         pivot = failing_pivot(a)
         raise NotPositiveDefiniteError(-1 if pivot is None else offset + pivot, (n, n))
     return lower
-
-
-def cholesky_in_core(matrix: np.ndarray) -> jax.Array:
-    """Lower Cholesky factor of ``matrix`` by LAPACK; NotPositiveDefiniteError names the pivot."""
-    a = np.asarray(matrix)
-    return jnp.asarray(potrf(a, 0, a.shape[0]))
 
 
 def tile_key(i: int, j: int) -> str:
@@ -428,21 +420,6 @@ def _column_reporter(
         "cholesky block columns", nb, "GFLOP", done=first, work_left=left.__getitem__
     )
     return lambda c: report.update(flops[c])
-
-
-def write_factor(factor: FactorStore, lower: np.ndarray, tile: int) -> None:
-    """Store an in-memory lower factor tile by tile (lower triangle only)."""
-    n = lower.shape[0]
-    nb = math.ceil(n / tile)
-    span = [slice(i * tile, min(n, (i + 1) * tile)) for i in range(nb)]
-    with ThreadPoolExecutor(4) as writer:  # tensorstore writes release the GIL
-        writes = [
-            writer.submit(factor.write, tile_key(i, j), (span[i], span[j]), lower[span[i], span[j]])
-            for j in range(nb)
-            for i in range(j, nb)
-        ]
-        for write in writes:
-            write.result()
 
 
 def is_complete(factor: FactorStore, n: int, tile: int) -> bool:

@@ -4,8 +4,10 @@ The 2-D view of a stored kernel of layout ``(N1, N2, A1, A2, ...)`` is the same 
 :func:`~ntk_dist.linalg.operator.make_2d` of the whole array, read block by block.
 ``memory_bound`` (bytes per worker) decides what is held: the whole 2-D kernel is kept
 resident for products only if it takes at most half the bound, otherwise every
-product streams the store's tiles; Cholesky and eigh run in core when they fit and
-tiled (out of core; eigh by :mod:`ntk_dist.linalg.qdwh`) when not. Factorisations are
+product streams the store's tiles. The Cholesky factorisation is always the tiled one
+(tiles of at most ``STREAM_TILE``: reading the kernel and writing the factor overlap the
+arithmetic, which beats reading, factorising and writing in turn); eigh runs in core
+when it fits and out of core (:mod:`ntk_dist.linalg.qdwh`) when not. Factorisations are
 written next to the kernel (:mod:`ntk_dist.linalg.factor_store`) and reused by every
 later operator on the same store with the same diagonal shift and dtype (``reused`` counts those).
 """
@@ -214,7 +216,7 @@ class StoredKernelOperator(KernelOperator):
             stored = chol.StoredCholeskyFactor(factor, n, factor.attributes["tile"])
             return DenseCholeskyFactor(stored.to_dense()) if self._fits(2) else stored
         self.factorizations["cholesky"] += 1
-        tile = chol.cholesky_tile_size(n, itemsize, self.memory_bound)
+        tile = min(chol.cholesky_tile_size(n, itemsize, self.memory_bound), chol.STREAM_TILE)
         if factor is None or factor.attributes.get("tile") != tile:
             factor = FactorStore.create(
                 self.store,
@@ -224,14 +226,11 @@ class StoredKernelOperator(KernelOperator):
                 self.dtype,
                 {"kind": "cholesky", "tile": tile},
             )
-        if self._fits(chol.IN_CORE_COPIES):
-            lower = chol.cholesky_in_core(self.to_dense())
-            chol.write_factor(factor, np.asarray(lower), tile)
-            return DenseCholeskyFactor(lower)
-        chol.tiled_cholesky(
+        chol.tiled_cholesky(  # even when K fits: reads and writes overlap the arithmetic
             self.read, n, factor, tile, self.devices, self.progress, tile_backend=self.tile_backend
         )
-        return chol.StoredCholeskyFactor(factor, n, tile)
+        stored = chol.StoredCholeskyFactor(factor, n, tile)
+        return DenseCholeskyFactor(stored.to_dense()) if self._fits(2) else stored
 
     def _eigendecomposition(self) -> Eigendecomposition:
         n = self.shape[0]
