@@ -76,7 +76,7 @@ def test_bench_linalg_reports_every_ratio_on_simulated_devices(tmp_path, capfd):
         assert row["seconds"] > 0 and row["baseline_seconds"] > 0
         assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline_seconds"])
         assert "2 cpu device(s)" in row["setup"]  # the subprocess saw its simulated devices
-    assert "in core" in rows[0]["setup"] and "out of core" in rows[1]["setup"]
+    assert "K fits the bound" in rows[0]["setup"] and "out of core" in rows[1]["setup"]
     assert "in core" in rows[2]["setup"] and "out of core" in rows[3]["setup"]
     assert rows[4]["baseline_seconds"] == rows[2]["seconds"]  # a fraction of the eigh time
     out = capfd.readouterr().out
