@@ -7,10 +7,14 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 2. polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / |A - σI|_F`` with
    dynamic weights from a lower bound ``l0`` of its singular values: first an estimate
    from the sampled gap (fewer steps, stopping when ``l_k`` reaches 1; if the split then
-   fails its check, the safe ``l0 = eps`` follows): while ``c > 100`` the QR-based
-   step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
+   fails its check, the safe ``l0 = eps`` follows): while ``c`` exceeds a cutoff the
+   QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
    ``cond <= eps^-1/2``), then the Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}``
-   with ``Z = I + c X^T X``; from eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
+   with ``Z = I + c X^T X`` (half the flops; X stays symmetric, so is the result). The
+   cutoff is 100 (where the Cholesky-based step is stable) from eps, and ``1e5`` from an
+   estimate: its error grows like ``c eps`` only for singular values near ``c^-1/2``,
+   which a wide gap does not have, and the split's check catches it when one does (then
+   the safe try follows). From eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
    scaling, combination and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
    orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
@@ -55,7 +59,8 @@ IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, work
 HOST_LEAF_COPIES = 2  # a host leaf: the block, overwritten by LAPACK's dsyevr, and V
 REFLECTOR_COPIES = 8  # n x s arrays a reflector split holds: V, W2, [V W2], [W2 V], rows
 SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see scratch_bytes)
-_QR_CUTOFF = 100.0
+_QR_CUTOFF = 100.0  # the QR-based QDWH step while c exceeds this (safe) ...
+_QR_CUTOFF_ESTIMATED = 1e5  # ... or this, from an estimated lower bound (checked by the split)
 _MAX_ITERATIONS = 30
 _SPLIT_TRIES = 6
 _IDENTITY = "identity"  # an eigenvector part equal to I (a block that is a multiple of I)
@@ -210,7 +215,8 @@ def polar_factor(
     ``scale >= |x|_2``: the iteration starts from ``x / scale`` (the division is fused
     into the first step). ``lower_bound``: an estimate of the smallest singular value of
     ``x / scale`` (at least eps is used): a larger one takes fewer steps and stops as soon
-    as the bound reaches 1; one too large may stop early (the split's check then fails).
+    as the bound reaches 1, and uses Cholesky-based steps from ``c <= 1e5`` on; one too
+    large may stop early or lose accuracy (the split's check then fails).
     ``x`` is consumed (released).
     """
     n, w = x.rows, 1.0 / scale
@@ -225,7 +231,7 @@ def polar_factor(
         finally:
             ctx.release(z)
         new = ctx.temp(n, n)
-        if c > _QR_CUTOFF:  # QR of [sqrt(c) X; I] by CholeskyQR2
+        if c > (_QR_CUTOFF_ESTIMATED if lower_bound > eps else _QR_CUTOFF):  # CholeskyQR2
             q1, q2 = ctx.temp(n, n), ctx.temp(n, n, "upper")
             ctx.solve(x, [(l1, True)], q1, alpha=math.sqrt(c) * w)  # sqrt(c) X L1^-T
             ctx.solve(None, [(l1, True)], q2)  # L1^-T
