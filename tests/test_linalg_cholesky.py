@@ -51,7 +51,7 @@ def test_tiled_cholesky_matches_lapack_with_ragged_tiles(tmp_path, name):
     assert op.factorizations == {"cholesky": 1}
 
 
-def test_in_core_factor_is_stored_and_reused(tmp_path):
+def test_factor_of_a_kernel_that_fits_the_bound_is_stored_and_reused(tmp_path):
     k = ntk_train(30)
     a = to_2d(k) + 0.5 * np.eye(60)
     store = store_kernel(tmp_path / "k", k, block=8)
@@ -75,7 +75,7 @@ def test_float64_accumulation_of_a_float32_store(tmp_path):
     assert rel(lower @ lower.T, a.astype(np.float64)) <= 1e-12
 
 
-@pytest.mark.parametrize("tiled", [True, False])
+@pytest.mark.parametrize("tiled", [True, False])  # small tiles, or K fits the bound
 def test_not_positive_definite_names_the_pivot(tmp_path, tiled):
     a = ill_conditioned(60, cond=10)
     a[41, :] = a[:, 41] = 0.0

@@ -17,12 +17,17 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    the safe try follows). From eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
    scaling, combination and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
+   if the smaller side's ``n x s`` arrays fit the bound, one block reflector
+   ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``) gives both
+   sub-blocks of ``Q^T A Q`` in two passes over ``A`` (:func:`_reflector_split`; NTK
+   kernels have a few large outlying eigenvalues, so such splits are common); otherwise
    orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
    ``(I - P) Ω'`` (Gaussian ``Ω``, ``Ω'``) by CholeskyQR2 (shifted CholeskyQR3 if that
    breaks down), with one more subspace-iteration step only if the check below fails;
-4. the split is accepted only if the bases are orthogonal to each other and the coupling
-   ``Q_2^T A Q_1`` is below ``tol |A|_F`` (else the next ``σ``): degenerate or clustered
-   spectra cannot produce a wrong result, only another try;
+4. the split is accepted only if the coupling ``Q_2^T A Q_1`` is below ``tol |A|_F``
+   (and two bases are orthogonal to each other; a reflector is orthogonal by
+   construction), else the next ``σ``: degenerate or clustered spectra cannot produce
+   a wrong result, only another try;
 5. recurse on ``Q_i^T A Q_i`` until a block fits in core (LAPACK's dsyevr on the host,
    two copies of the block; ``jnp.linalg.eigh`` on a device) or is a multiple of
    ``I``; a block's eigenvectors are kept as column parts ``Q_i V_part`` (one per leaf),
@@ -31,7 +36,7 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 Every matrix is a :class:`~ntk_dist.linalg.tiled.Tiled` in a scratch folder; the
 products and solves run as tile-row jobs through a runner (this process, or Ray
 tasks). A ledger in the scratch folder records the input copy, each accepted split
-(its bases and sub-blocks) and each finished block (its eigenvector parts and
+(its bases or reflector, and sub-blocks) and each finished block (its eigenvector parts and
 eigenvalues); a rerun with the same ``scratch_dir`` after a kill skips all of them.
 """
 
