@@ -66,23 +66,30 @@ def test_out_of_core_eigh_of_a_store_matches_lapack_and_is_reused(tmp_path, name
 
 
 @pytest.mark.parametrize(
-    "bulk, outliers, method, splits",
-    [("random", 6, "reflector", 2), ("identity", 6, "reflector", 1), ("random", 60, "bases", 1)],
+    "bulk, at, outliers, method, basis, splits",
+    [
+        ("random", 50, 6, "reflector", "subspace iteration", 2),
+        ("identity", 50, 6, "reflector", "subspace iteration", 1),
+        ("random", 3, 6, "reflector", "polar factor", 2),
+        ("random", 50, 60, "bases", "polar factor", 1),
+    ],
 )
-def test_reflector_and_bases_splits_match_lapack(tmp_path, bulk, outliers, method, splits):
-    # a few outliers: the smaller side's n x s arrays fit the bound, so the top split is
-    # one block reflector (its larger child, random or 0.8 I, splits again or is I);
-    # 60 of 130 do not fit it: orthonormal bases of both sides
+def test_every_split_method_matches_lapack(tmp_path, bulk, at, outliers, method, basis, splits):
+    # 6 outliers far from the rest: found by subspace iteration, split by one block
+    # reflector (the larger child, random or 0.8 I, splits again or is I); 6 outliers
+    # close to the rest: QDWH's polar factor, then a reflector; 60 of 130: the n x s
+    # arrays do not fit the bound, so orthonormal bases of both sides
     rng = np.random.default_rng(3)
     n = 130
     body = 0.5 + rng.random(n - outliers) if bulk == "random" else np.full(n - outliers, 0.8)
-    a = clustered(n, np.concatenate([body, 50 + rng.random(outliers)]), seed=4)
+    a = clustered(n, np.concatenate([body, at + rng.random(outliers)]), seed=4)
     scratch, methods = tmp_path / "scratch", []
 
     def seen(key):
         if key.startswith("split_"):
             with open(scratch / "ledger" / f"{key}.json") as f:
-                methods.append((key, json.load(f)["method"]))
+                info = json.load(f)
+            methods.append((key, info["method"], info["basis"]))
 
     w, v = divide_and_conquer_eigh(
         lambda r, c: a[r, c],
@@ -94,7 +101,7 @@ def test_reflector_and_bases_splits_match_lapack(tmp_path, bulk, outliers, metho
         progress=seen,
     )
     check(a, w, v)
-    assert methods[0] == ("split_r", method)
+    assert methods[0] == ("split_r", method, basis)
     assert len(methods) >= splits  # 124 random eigenvalues do not fit in core: split again
 
 

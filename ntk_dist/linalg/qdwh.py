@@ -19,8 +19,8 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
    if the smaller side's ``n x s`` arrays fit the bound, one block reflector
    ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``) gives both
-   sub-blocks of ``Q^T A Q`` in two passes over ``A`` (:func:`_reflector_split`; NTK
-   kernels have a few large outlying eigenvalues, so such splits are common); otherwise
+   sub-blocks of ``Q^T A Q`` in two passes over ``A`` (:func:`_reflector_split`: the
+   split of a few large outlying eigenvalues from the rest, as NTKs often have); otherwise
    orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
    ``(I - P) Ω'`` (Gaussian ``Ω``, ``Ω'``) by CholeskyQR2 (shifted CholeskyQR3 if that
    breaks down), with one more subspace-iteration step only if the check below fails;
@@ -63,6 +63,9 @@ __all__ = ["SplitFailedError", "divide_and_conquer_eigh", "polar_factor", "scrat
 IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, workspace
 HOST_LEAF_COPIES = 2  # a host leaf: the block, overwritten by LAPACK's dsyevr, and V
 REFLECTOR_COPIES = 8  # n x s arrays a reflector split holds: V, W2, [V W2], [W2 V], rows
+_SUBSPACE_OVERSAMPLING = 16  # extra columns of a subspace iteration (fewer if the bound is tight)
+_SUBSPACE_MAX_RATE = 0.1  # estimated convergence per pass above which QDWH is used
+_SUBSPACE_MAX_PASSES = 30
 SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see scratch_bytes)
 _QR_CUTOFF = 100.0  # the QR-based QDWH step while c exceeds this (safe) ...
 _QR_CUTOFF_ESTIMATED = 1e5  # ... or this, from an estimated lower bound (checked by the split)
@@ -336,17 +339,9 @@ def _range_bases(
     return None
 
 
-def _split_points(a: tl.Tiled, memory_bound: int) -> list[tuple[float, float]]:
-    """Candidate split points ``σ``, best first, and each one's estimated distance to the
-    spectrum of ``A`` (0: unknown), from the spectrum of a sampled principal block.
-
-    By Cauchy interlacing, a point between the ``j``-th and ``j+1``-th eigenvalues ``μ`` of
-    an ``m x m`` principal submatrix leaves at least ``j`` and at most ``j + n - m``
-    eigenvalues of ``A`` below it. Gaps are ranked by relative width times
-    ``min(j, m - j)``: balanced splits away from clusters first; then diagonal statistics.
-    The distance of a gap's midpoint is a tenth of the gap's half-width: an estimate, not
-    a bound (the sample's eigenvalues need not be close to ``A``'s).
-    """
+def _sample_spectrum(a: tl.Tiled, memory_bound: int) -> np.ndarray:
+    """Eigenvalues (ascending) of a principal block of ``A`` on evenly spaced indices,
+    as large as the in-core eigh allows."""
     n, b = a.rows, a.tile
     m = math.isqrt(memory_bound // (IN_CORE_COPIES * np.dtype(a.dtype).itemsize))
     index = np.unique(np.linspace(0, n - 1, min(n, max(m, 2))).round().astype(int))
@@ -357,7 +352,20 @@ def _split_points(a: tl.Tiled, memory_bound: int) -> list[tuple[float, float]]:
             cols = index // b == j
             tile = a.read_tiles([(i, j)])[0]
             sample[np.ix_(rows, cols)] = tile[np.ix_(index[rows] - i * b, index[cols] - j * b)]
-    mu = np.linalg.eigvalsh(sample)
+    return np.linalg.eigvalsh(sample)
+
+
+def _split_points(a: tl.Tiled, mu: np.ndarray) -> list[tuple[float, float]]:
+    """Candidate split points ``σ``, best first, and each one's estimated distance to the
+    spectrum of ``A`` (0: unknown), from the spectrum ``mu`` of a sampled principal block.
+
+    By Cauchy interlacing, a point between the ``j``-th and ``j+1``-th eigenvalues ``μ`` of
+    an ``m x m`` principal submatrix leaves at least ``j`` and at most ``j + n - m``
+    eigenvalues of ``A`` below it. Gaps are ranked by relative width times
+    ``min(j, m - j)``: balanced splits away from clusters first; then diagonal statistics.
+    The distance of a gap's midpoint is a tenth of the gap's half-width: an estimate, not
+    a bound (the sample's eigenvalues need not be close to ``A``'s).
+    """
     size = np.maximum(np.maximum(np.abs(mu[:-1]), np.abs(mu[1:])), np.finfo(mu.dtype).tiny)
     j = np.arange(1, len(mu))
     score = np.diff(mu) / size * np.minimum(j, len(mu) - j)
@@ -390,28 +398,22 @@ def _block_reflector(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reflector_split(
-    ctx: _Context, name: str, a: tl.Tiled, u: tl.Tiled, k: int, seed: int
+    ctx: _Context, name: str, a: tl.Tiled, basis: np.ndarray, small_above: bool
 ) -> dict | None:
-    """A split by one block reflector from the smaller side's basis (held in memory), or None.
+    """A split by one block reflector from the smaller side's ``n x s`` basis, or None.
 
-    ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``, ``s``
-    columns; rows reversed, so that ``range(P Ω)`` is spanned by the last ``s`` columns of
-    ``Q``). ``Q^T A Q = A - W2 V^T - V W2^T`` with ``W = A V T`` and
-    ``W2 = W - V (T^T V^T W) / 2`` takes two passes over ``A`` and ``4 n^2 s`` flops,
-    instead of forming, orthonormalising and projecting onto an ``n x (n - s)`` basis of
-    the larger side. Its leading ``m = n - s`` block is the larger child, its last ``s``
-    rows hold the smaller child and the coupling (None if that is above the tolerance).
+    ``basis`` spans (to the tolerance) the invariant subspace of the ``s`` eigenvalues
+    above (``small_above``) or below the rest. ``Q = I - V T V^T`` from its Householder
+    QR (rows reversed, so that it is spanned by the last ``s`` columns of ``Q``).
+    ``Q^T A Q = A - W2 V^T - V W2^T`` with ``W = A V T`` and ``W2 = W - V (T^T V^T W) / 2``
+    takes two passes over ``A`` and ``4 n^2 s`` flops, instead of forming,
+    orthonormalising and projecting onto an ``n x (n - s)`` basis of the larger side. Its
+    leading ``m = n - s`` block is the larger child, its last ``s`` rows hold the smaller
+    child and the coupling (None if that is above the tolerance).
     """
-    n = a.rows
-    small_above = k <= n - k
-    s = k if small_above else n - k
+    n, s = basis.shape
     m = n - s
-    omega = ctx.random(n, s, seed)
-    y = ctx.temp(n, s)
-    ctx.product(tl.Term(u, omega, 0.5 if small_above else -0.5), y, add=omega, beta=0.5)
-    ctx.release(omega)
-    v, t = _block_reflector(y.read_region(slice(None), slice(None))[::-1])
-    ctx.release(y)
+    v, t = _block_reflector(basis[::-1])
     v = np.ascontiguousarray(v[::-1])
     vt = ctx.temp(n, s)
     vt.write_region(slice(None), slice(None), v @ t)
@@ -438,13 +440,81 @@ def _reflector_split(
     np.save(os.path.join(ctx.folder, name + ".t.npy"), t)
     small_sums = {"sumsq": float(np.sum(small * small)), "trace": float(np.trace(small))}
     return {
-        "k": k,
+        "k": s if small_above else m,
         "method": "reflector",
         "children": [
             {"name": big_name, "size": m, **big_sums},
             {"name": small_name, "size": s, "last": True, **small_sums},
         ],
     }
+
+
+def _polar_basis(ctx: _Context, u: tl.Tiled, k: int, seed: int) -> tuple[np.ndarray, bool]:
+    """``P Ω`` (or ``(I - P) Ω``, the smaller side) for the polar factor ``u``, in memory."""
+    n = u.rows
+    small_above = k <= n - k
+    s = k if small_above else n - k
+    omega = ctx.random(n, s, seed)
+    y = ctx.temp(n, s)
+    ctx.product(tl.Term(u, omega, 0.5 if small_above else -0.5), y, add=omega, beta=0.5)
+    ctx.release(omega)
+    basis = y.read_region(slice(None), slice(None))
+    ctx.release(y)
+    return basis, small_above
+
+
+def _shifted_product(a: tl.Tiled, y: np.ndarray, shift: float) -> np.ndarray:
+    """``(A - shift I) y`` for an in-memory ``n x r`` block ``y``, a tile row of ``A`` at a time."""
+    n, b = a.rows, a.tile
+    out = np.empty_like(y)
+    for i in range(a.grid[0]):
+        rows = slice(i * b, min(n, (i + 1) * b))
+        panel = a.op_row(i, range(a.grid[1]), False)
+        out[rows] = panel[: rows.stop - rows.start, :n] @ y
+    return out - shift * y
+
+
+def _subspace_basis(
+    ctx: _Context, a: tl.Tiled, sigma: float, mu: np.ndarray, seed: int
+) -> tuple[np.ndarray, bool] | None:
+    """A basis of the few eigenvalues beyond ``σ`` by subspace iteration, or None.
+
+    When the sample ``mu`` puts only ``s`` eigenvalues on one side of ``σ`` (``s + p``
+    columns fit the bound, ``2 <= p <= 16``) and the gap is wide, iterating
+    ``Y <- (A - τ I) Y`` (``τ`` the middle of the rest of the sampled spectrum, so that
+    the group dominates) converges at the estimated rate
+    ``|rest edge - τ| / |group edge - τ|`` per pass over ``A`` (``2 n^2 (s + p)`` flops):
+    far cheaper than QDWH for a few outliers. Rayleigh-Ritz picks the Ritz vectors beyond
+    ``σ``; None if the rate is poor or every Ritz value is beyond ``σ`` (the group may be
+    larger). The split's check decides the rest.
+    """
+    n = a.rows
+    above = int(np.sum(mu > sigma))
+    small_above = above <= len(mu) - above
+    group = mu[mu > sigma] if small_above else mu[mu <= sigma]
+    rest = mu[mu <= sigma] if small_above else mu[mu > sigma]
+    fit = ctx.memory_bound // (REFLECTOR_COPIES * n * ctx.dtype.itemsize)  # columns
+    r = min(len(group) + _SUBSPACE_OVERSAMPLING, fit, n - 1)
+    if not len(group) or not len(rest) or r < len(group) + 2:
+        return None
+    shift = (rest.min() + rest.max()) / 2
+    edge = rest.max() if small_above else rest.min()
+    near = group.min() if small_above else group.max()
+    rate = abs(edge - shift) / max(abs(near - shift), float(np.finfo(ctx.dtype).tiny))
+    if rate > _SUBSPACE_MAX_RATE:
+        return None
+    passes = min(
+        _SUBSPACE_MAX_PASSES,
+        2 + math.ceil(math.log(np.finfo(ctx.dtype).eps) / math.log(max(rate, 1e-300))),
+    )
+    y = np.random.default_rng(seed).standard_normal((n, r)).astype(ctx.dtype)
+    for _ in range(passes):
+        y, _ = np.linalg.qr(_shifted_product(a, y, shift))
+    theta, vectors = np.linalg.eigh(y.T @ _shifted_product(a, y, 0.0))
+    beyond = theta > sigma if small_above else theta <= sigma
+    if not 0 < np.sum(beyond) < r:
+        return None
+    return y @ vectors[:, beyond], small_above
 
 
 def _bases_split(
@@ -472,13 +542,24 @@ def _bases_split(
 def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
     """Find and store an accepted split of block ``name``: its method and both sub-blocks.
 
-    The block-reflector split when the smaller side's ``n x s`` arrays fit the bound
-    (``REFLECTOR_COPIES`` of them), else (or if it fails its check) bases of both sides.
+    First, at the best split point, a few outlying eigenvalues by subspace iteration
+    (:func:`_subspace_basis`) and a block reflector. Else QDWH's polar factor at each
+    split point: the block-reflector split when the smaller side's ``n x s`` arrays fit
+    the bound (``REFLECTOR_COPIES`` of them), else (or if it fails its check) bases of
+    both sides.
     """
     n = a.rows
+    mu = _sample_spectrum(a, ctx.memory_bound)
+    points = _split_points(a, mu)
+    found = _subspace_basis(ctx, a, points[0][0], mu, 4 * depth * 16 + 3)
+    info = None if found is None else _reflector_split(ctx, name, a, *found)
+    if info is not None:
+        info["basis"] = "subspace iteration"
+        ctx.record(f"split_{name}", info)
+        return info
     tries = [
         (sigma, d)
-        for sigma, distance in _split_points(a, ctx.memory_bound)
+        for sigma, distance in points
         for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then eps
     ]
     for attempt, (sigma, distance) in enumerate(tries):
@@ -494,11 +575,12 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         if k not in (0, n) and REFLECTOR_COPIES * n * min(k, n - k) * ctx.dtype.itemsize <= (
             ctx.memory_bound
         ):
-            info = _reflector_split(ctx, name, a, u, k, seed)
+            info = _reflector_split(ctx, name, a, *_polar_basis(ctx, u, k, seed))
         if info is None and k not in (0, n):
             info = _bases_split(ctx, name, a, u, k, seed)
         ctx.release(u)
         if info is not None:
+            info["basis"] = "polar factor"
             ctx.record(f"split_{name}", info)
             return info
     raise SplitFailedError(
