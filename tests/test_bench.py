@@ -70,7 +70,7 @@ def test_bench_linalg_reports_every_ratio_on_simulated_devices(tmp_path, capfd):
     rows = json.loads(path.read_text())
     assert [r["measure"] for r in rows] == ["tiled Cholesky ÷ numpy.linalg.cholesky"] * 2 + [
         "stored eigh ÷ numpy.linalg.eigh"
-    ] * 2 + ["one more prediction once the eigenbasis is stored ÷ the eigh"]
+    ] * 3 + ["one more prediction once the eigenbasis is stored ÷ the eigh"]
     for row in rows:
         assert set(row) == {"measure", "setup", "seconds", "baseline_seconds", "ratio", "goal"}
         assert row["seconds"] > 0 and row["baseline_seconds"] > 0
@@ -78,6 +78,7 @@ def test_bench_linalg_reports_every_ratio_on_simulated_devices(tmp_path, capfd):
         assert "2 cpu device(s)" in row["setup"]  # the subprocess saw its simulated devices
     assert "K fits the bound" in rows[0]["setup"] and "out of core" in rows[1]["setup"]
     assert "in core" in rows[2]["setup"] and "out of core" in rows[3]["setup"]
-    assert rows[4]["baseline_seconds"] == rows[2]["seconds"]  # a fraction of the eigh time
+    assert "spread spectrum, out of core" in rows[4]["setup"]
+    assert rows[5]["baseline_seconds"] == rows[2]["seconds"]  # a fraction of the eigh time
     out = capfd.readouterr().out
     assert "| tiled Cholesky ÷ numpy.linalg.cholesky | N=64 float64, out of core" in out

@@ -3,25 +3,28 @@
 For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013):
 
 1. pick a split point ``σ`` in a wide, balanced gap of the spectrum of a sampled
-   principal block (Cauchy interlacing bounds the split), then other candidates;
-2. polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / |A - σI|_F`` with
-   dynamic weights from a lower bound ``l0`` of its singular values: first an estimate
-   from the sampled gap (fewer steps, stopping when ``l_k`` reaches 1; if the split then
-   fails its check, the safe ``l0 = eps`` follows): while ``c`` exceeds a cutoff the
-   QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for
-   ``cond <= eps^-1/2``), then the Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}``
-   with ``Z = I + c X^T X`` (half the flops; X stays symmetric, so is the result). The
-   cutoff is 100 (where the Cholesky-based step is stable) from eps, and ``1e5`` from an
-   estimate: its error grows like ``c eps`` only for singular values near ``c^-1/2``,
-   which a wide gap does not have, and the split's check catches it when one does (then
-   the safe try follows). From eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The
-   scaling, combination and norms are fused into the products and solves;
+   principal block (Cauchy interlacing bounds the split), then other candidates; if
+   only a few sampled eigenvalues lie beyond the best ``σ`` and the gap is wide, their
+   invariant subspace comes from subspace iteration (a few passes over ``A``) and the
+   split from one block reflector (step 3), with no QDWH at all;
+2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on
+   ``X0 = (A - σI) / |A - σI|_F`` with dynamic weights from a lower bound ``l0`` of its
+   singular values: first an estimate from the sampled gap if it is at least ``1e-4``
+   (fewer steps, stopping when ``l_k`` reaches 1; if the split then fails its check, the
+   safe ``l0 = eps`` follows). While ``c`` exceeds a cutoff the QR-based step, its QR
+   done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for ``cond <= eps^-1/2``), then the
+   Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}`` with ``Z = I + c X^T X``
+   (half the flops; X stays symmetric, so is the result). The cutoff is 100 (where the
+   Cholesky-based step is stable) from eps, and ``1e5`` from an estimate: its error grows
+   like ``c eps`` only for singular values near ``c^-1/2``, which a wide gap does not
+   have, and the split's check catches it when one does (then the safe try follows).
+   From eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The scaling, combination
+   and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
    if the smaller side's ``n x s`` arrays fit the bound, one block reflector
    ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``) gives both
-   sub-blocks of ``Q^T A Q`` in two passes over ``A`` (:func:`_reflector_split`: the
-   split of a few large outlying eigenvalues from the rest, as NTKs often have); otherwise
-   orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
+   sub-blocks of ``Q^T A Q`` in two passes over ``A`` (:func:`_reflector_split`);
+   otherwise orthonormal bases of ``range(P)`` and ``range(I - P)`` come from ``P Ω`` and
    ``(I - P) Ω'`` (Gaussian ``Ω``, ``Ω'``) by CholeskyQR2 (shifted CholeskyQR3 if that
    breaks down), with one more subspace-iteration step only if the check below fails;
 4. the split is accepted only if the coupling ``Q_2^T A Q_1`` is below ``tol |A|_F``
@@ -68,6 +71,7 @@ _SUBSPACE_MAX_RATE = 0.1  # estimated convergence per pass above which QDWH is u
 _SUBSPACE_MAX_PASSES = 30
 SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see scratch_bytes)
 _QR_CUTOFF = 100.0  # the QR-based QDWH step while c exceeds this (safe) ...
+_MIN_ESTIMATED_BOUND = 1e-4  # a smaller estimate of l0 is not tried (one step saved, if right)
 _QR_CUTOFF_ESTIMATED = 1e5  # ... or this, from an estimated lower bound (checked by the split)
 _MAX_ITERATIONS = 30
 _SPLIT_TRIES = 6
@@ -565,6 +569,9 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     for attempt, (sigma, distance) in enumerate(tries):
         x0 = ctx.temp(n, n)
         scale = max(math.sqrt(ctx.combine(a, x0, 1.0, -sigma)), float(np.finfo(ctx.dtype).tiny))
+        if 0 < distance / scale < _MIN_ESTIMATED_BOUND:  # saves a step at most: the safe try
+            ctx.release(x0)
+            continue
         try:  # |A - σI|_F >= |A - σI|_2; smallest singular value of X0 about distance / scale
             u, trace, _ = polar_factor(ctx, x0, scale, distance / scale)
         except (SplitFailedError, NotPositiveDefiniteError):
