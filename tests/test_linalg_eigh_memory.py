@@ -58,7 +58,7 @@ def test_n2048_out_of_core_eigh_stays_under_16mib(tmp_path, spectrum):
     phases peaks at 12-16 MiB. Above it: what stays allocated between the phases
     (tensorstore's buffers of the kernel reads and eigenvector writes, the eigenvalues,
     Python and JAX objects: about 6 MiB) and, on the QDWH path, the work buffers of
-    scipy's own OpenBLAS, first touched by the tiled Cholesky (about 4 MiB more; no
+    scipy's own OpenBLAS, first touched by the tiled Cholesky (about 5 MiB more; no
     Python object is alive, per tracemalloc). ``MALLOC_MMAP_THRESHOLD_`` makes freed
     panels go back to the system instead of staying in glibc's heap.
     """
