@@ -68,20 +68,20 @@ def test_out_of_core_eigh_of_a_store_matches_lapack_and_is_reused(tmp_path, name
 @pytest.mark.parametrize(
     "bulk, at, outliers, method, basis, splits",
     [
-        ("random", 50, 6, "reflector", "subspace iteration", 2),
-        ("identity", 50, 6, "reflector", "subspace iteration", 1),
-        ("random", 3, 6, "reflector", "polar factor", 2),
-        ("random", 50, 60, "bases", "polar factor", 1),
+        ((0.5, 1.0), 50, 6, "reflector", "subspace iteration", 2),
+        ((0.8, 0.0), 50, 6, "reflector", "subspace iteration", 1),
+        ((0.6, 0.4), 3, 6, "reflector", "polar factor", 2),
+        ((0.5, 1.0), 50, 60, "bases", "polar factor", 1),
     ],
 )
 def test_every_split_method_matches_lapack(tmp_path, bulk, at, outliers, method, basis, splits):
-    # 6 outliers far from the rest: found by subspace iteration, split by one block
-    # reflector (the larger child, random or 0.8 I, splits again or is I); 6 outliers
-    # close to the rest: QDWH's polar factor, then a reflector; 60 of 130: the n x s
-    # arrays do not fit the bound, so orthonormal bases of both sides
+    # 6 outliers far from a bulk (uniform over [start, start + width]): found by subspace
+    # iteration, split by one block reflector (the larger child splits again, or is
+    # 0.8 I); 6 outliers close to a narrow bulk: QDWH's polar factor, then a reflector;
+    # 60 of 130: the n x s arrays do not fit the bound, so bases of both sides
     rng = np.random.default_rng(3)
     n = 130
-    body = 0.5 + rng.random(n - outliers) if bulk == "random" else np.full(n - outliers, 0.8)
+    body = bulk[0] + bulk[1] * rng.random(n - outliers)
     a = clustered(n, np.concatenate([body, at + rng.random(outliers)]), seed=4)
     scratch, methods = tmp_path / "scratch", []
 

@@ -3,10 +3,10 @@
 For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013):
 
 1. pick a split point ``σ`` in a wide, balanced gap of the spectrum of a sampled
-   principal block (Cauchy interlacing bounds the split), then other candidates; if
-   only a few sampled eigenvalues lie beyond the best ``σ`` and the gap is wide, their
-   invariant subspace comes from subspace iteration (a few passes over ``A``) and the
-   split from one block reflector (step 3), with no QDWH at all;
+   principal block (Cauchy interlacing bounds the split), then other candidates; but
+   first, if a few sampled eigenvalues at one end lie far from the rest, their invariant
+   subspace comes from subspace iteration (a few passes over ``A``) and the split from
+   one block reflector (step 3), with no QDWH at all;
 2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on
    ``X0 = (A - σI) / |A - σI|_F`` with dynamic weights from a lower bound ``l0`` of its
    singular values: first an estimate from the sampled gap if it is at least ``1e-4``
@@ -366,13 +366,15 @@ def _split_points(a: tl.Tiled, mu: np.ndarray) -> list[tuple[float, float]]:
     By Cauchy interlacing, a point between the ``j``-th and ``j+1``-th eigenvalues ``μ`` of
     an ``m x m`` principal submatrix leaves at least ``j`` and at most ``j + n - m``
     eigenvalues of ``A`` below it. Gaps are ranked by relative width times
-    ``min(j, m - j)``: balanced splits away from clusters first; then diagonal statistics.
+    ``min(j, m - j)^2``: balanced splits away from clusters first (a balanced split
+    leaves two blocks of an eighth of the work each; subspace iteration takes the
+    unbalanced splits of outliers); then diagonal statistics.
     The distance of a gap's midpoint is a tenth of the gap's half-width: an estimate, not
     a bound (the sample's eigenvalues need not be close to ``A``'s).
     """
     size = np.maximum(np.maximum(np.abs(mu[:-1]), np.abs(mu[1:])), np.finfo(mu.dtype).tiny)
     j = np.arange(1, len(mu))
-    score = np.diff(mu) / size * np.minimum(j, len(mu) - j)
+    score = np.diff(mu) / size * np.minimum(j, len(mu) - j) ** 2
     points = [
         (float(mu[i] + mu[i + 1]) / 2, float(mu[i + 1] - mu[i]) / 20)
         for i in np.argsort(-score)[:3]
@@ -478,35 +480,53 @@ def _shifted_product(a: tl.Tiled, y: np.ndarray, shift: float) -> np.ndarray:
     return out - shift * y
 
 
-def _subspace_basis(
-    ctx: _Context, a: tl.Tiled, sigma: float, mu: np.ndarray, seed: int
-) -> tuple[np.ndarray, bool] | None:
-    """A basis of the few eigenvalues beyond ``σ`` by subspace iteration, or None.
+def _subspace_group(mu: np.ndarray, most: int) -> tuple[float, int, bool]:
+    """The group of at most ``most`` sampled eigenvalues at either end of ``mu`` that
+    subspace iteration separates fastest: its rate, size and side (True: the top).
 
-    When the sample ``mu`` puts only ``s`` eigenvalues on one side of ``σ`` (``s + p``
-    columns fit the bound, ``2 <= p <= 16``) and the gap is wide, iterating
-    ``Y <- (A - τ I) Y`` (``τ`` the middle of the rest of the sampled spectrum, so that
-    the group dominates) converges at the estimated rate
-    ``|rest edge - τ| / |group edge - τ|`` per pass over ``A`` (``2 n^2 (s + p)`` flops):
-    far cheaper than QDWH for a few outliers. Rayleigh-Ritz picks the Ritz vectors beyond
-    ``σ``; None if the rate is poor or every Ritz value is beyond ``σ`` (the group may be
-    larger). The split's check decides the rest.
+    For a group of ``s`` with the rest of ``mu`` in ``[lo, hi]``, ``Y <- (A - τ I) Y``
+    with ``τ = (lo + hi) / 2`` converges at ``((hi - lo) / 2) / |near - τ|`` per pass,
+    ``near`` the group's eigenvalue closest to the rest; infinite if the group does not
+    lie outside ``[lo, hi]``.
+    """
+    m = len(mu)
+    sizes = np.arange(1, min(most, m - 1) + 1)
+    best = (math.inf, 0, True)
+    for top in (True, False):
+        lo = np.full(len(sizes), mu[0]) if top else mu[sizes]
+        hi = mu[m - sizes - 1] if top else np.full(len(sizes), mu[-1])
+        near = mu[m - sizes] if top else mu[sizes - 1]
+        shift, half = (lo + hi) / 2, (hi - lo) / 2
+        apart = np.abs(near - shift)
+        rate = np.where(apart > half, half / np.maximum(apart, np.finfo(mu.dtype).tiny), np.inf)
+        if len(rate) and rate.min() < best[0]:
+            i = int(np.argmin(rate))
+            best = (float(rate[i]), int(sizes[i]), top)
+    return best
+
+
+def _subspace_basis(
+    ctx: _Context, a: tl.Tiled, mu: np.ndarray, seed: int
+) -> tuple[np.ndarray, bool] | None:
+    """A basis of a few outlying eigenvalues by subspace iteration, or None.
+
+    The group comes from the sample ``mu`` (:func:`_subspace_group`; ``s + p`` columns
+    must fit the bound, ``2 <= p <= 16``). If its rate is at most ``_SUBSPACE_MAX_RATE``,
+    passes of ``Y <- (A - τ I) Y`` (``2 n^2 (s + p)`` flops each, one read of ``A``)
+    converge to eps: far cheaper than QDWH. Rayleigh-Ritz picks the Ritz vectors beyond
+    the middle of the gap; None if every Ritz value is beyond it (the group of ``A`` may
+    be larger than the sample's). The split's check decides the rest.
     """
     n = a.rows
-    above = int(np.sum(mu > sigma))
-    small_above = above <= len(mu) - above
-    group = mu[mu > sigma] if small_above else mu[mu <= sigma]
-    rest = mu[mu <= sigma] if small_above else mu[mu > sigma]
     fit = ctx.memory_bound // (REFLECTOR_COPIES * n * ctx.dtype.itemsize)  # columns
-    r = min(len(group) + _SUBSPACE_OVERSAMPLING, fit, n - 1)
-    if not len(group) or not len(rest) or r < len(group) + 2:
-        return None
-    shift = (rest.min() + rest.max()) / 2
-    edge = rest.max() if small_above else rest.min()
-    near = group.min() if small_above else group.max()
-    rate = abs(edge - shift) / max(abs(near - shift), float(np.finfo(ctx.dtype).tiny))
+    rate, s, small_above = _subspace_group(mu, min(fit, n - 1) - 2)
     if rate > _SUBSPACE_MAX_RATE:
         return None
+    m = len(mu)
+    rest = mu[: m - s] if small_above else mu[s:]
+    shift = (rest[0] + rest[-1]) / 2
+    sigma = (mu[m - s - 1] + mu[m - s]) / 2 if small_above else (mu[s - 1] + mu[s]) / 2
+    r = min(s + _SUBSPACE_OVERSAMPLING, fit, n - 1)
     passes = min(
         _SUBSPACE_MAX_PASSES,
         2 + math.ceil(math.log(np.finfo(ctx.dtype).eps) / math.log(max(rate, 1e-300))),
@@ -546,8 +566,8 @@ def _bases_split(
 def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
     """Find and store an accepted split of block ``name``: its method and both sub-blocks.
 
-    First, at the best split point, a few outlying eigenvalues by subspace iteration
-    (:func:`_subspace_basis`) and a block reflector. Else QDWH's polar factor at each
+    First a few outlying eigenvalues by subspace iteration (:func:`_subspace_basis`) and
+    a block reflector. Else QDWH's polar factor at each
     split point: the block-reflector split when the smaller side's ``n x s`` arrays fit
     the bound (``REFLECTOR_COPIES`` of them), else (or if it fails its check) bases of
     both sides.
@@ -555,7 +575,7 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     n = a.rows
     mu = _sample_spectrum(a, ctx.memory_bound)
     points = _split_points(a, mu)
-    found = _subspace_basis(ctx, a, points[0][0], mu, 4 * depth * 16 + 3)
+    found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
         info["basis"] = "subspace iteration"
@@ -607,7 +627,9 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     if copies * n * n * ctx.dtype.itemsize <= ctx.memory_bound:
         dense = a.read_region(slice(None), slice(None))
         if ctx.device is None:  # MRRR: O(n) workspace, so the leaves are twice as large
-            w, v = scipy.linalg.eigh(dense, overwrite_a=True, check_finite=False, driver="evr")
+            w, v = scipy.linalg.eigh(  # dense.T: Fortran order, so LAPACK works in place
+                dense.T, overwrite_a=True, check_finite=False, driver="evr"
+            )
         else:
             w, v = map(np.asarray, jnp.linalg.eigh(jax.device_put(dense, ctx.device)))
         del dense

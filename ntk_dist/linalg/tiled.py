@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,7 +123,7 @@ class Tiled:
                 k += run
         return out
 
-    def write_tiles(self, index: Sequence[tuple[int, int]], tiles: Sequence[np.ndarray]) -> None:
+    def write_tiles(self, index: Sequence[tuple[int, int]], tiles: Iterable[np.ndarray]) -> None:
         gc = self.grid[1]
         with open(self.path, "r+b", buffering=0) as f:
             for (i, j), t in zip(index, tiles, strict=True):
@@ -183,15 +183,19 @@ class Tiled:
         r0, r1, _ = rows.indices(self.rows)
         c0, c1, _ = cols.indices(self.cols)
         b = self.tile
-        index, tiles = [], []
-        for i in range(r0 // b, math.ceil(r1 / b)):
-            for j in range(c0 // b, math.ceil(c1 / b)):
-                t = np.zeros((b, b), self.dtype)
-                block = data[i * b - r0 : (i + 1) * b - r0, j * b - c0 : (j + 1) * b - c0]
-                t[: block.shape[0], : block.shape[1]] = block
-                index.append((i, j))
-                tiles.append(t)
-        self.write_tiles(index, tiles)
+        index = [
+            (i, j)
+            for i in range(r0 // b, math.ceil(r1 / b))
+            for j in range(c0 // b, math.ceil(c1 / b))
+        ]
+
+        def padded(i: int, j: int) -> np.ndarray:
+            t = np.zeros((b, b), self.dtype)
+            block = data[i * b - r0 : (i + 1) * b - r0, j * b - c0 : (j + 1) * b - c0]
+            t[: block.shape[0], : block.shape[1]] = block
+            return t
+
+        self.write_tiles(index, (padded(i, j) for i, j in index))  # a tile at a time
 
     def diagonal(self) -> np.ndarray:
         g = min(self.grid)
