@@ -213,6 +213,10 @@ class _Context:
         self.runner.run([tl.RandomJob(out, i, seed) for i in range(out.grid[0])])
         return out
 
+    def reflector_columns(self, n: int) -> int:
+        """How many columns of ``n`` rows a reflector split may hold (``REFLECTOR_COPIES``)."""
+        return self.memory_bound // (REFLECTOR_COPIES * n * self.dtype.itemsize)
+
     def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Factor:
         inverses = self.temp(self.tile, z.grid[0] * self.tile)
         return tl.cholesky(z, self.temp(z.rows, z.cols), inverses, shift)
@@ -262,8 +266,7 @@ def polar_factor(
             sums = ctx.product(  # symmetric, as X: the lower tiles, mirrored
                 tl.Term(q1, q2, weight, trans_b=True), new, True, x, b / c * w
             )
-            ctx.release(q1)
-            ctx.release(q2)
+            ctx.release(q1, q2)
         else:  # (b/c) X + (a - b/c) X L^-T L^-1
             sums = ctx.solve(  # X and Z^{-1} commute: the result is symmetric
                 x, [(l1, True), (l1, False)], new, (a - b / c) * w, b / c * w, symmetric=True
@@ -295,6 +298,15 @@ def _orthonormalize(ctx: _Context, y: tl.Tiled, passes: Sequence[bool]) -> None:
         ctx.release(lower)
 
 
+def _projected(ctx: _Context, u: tl.Tiled, cols: int, above: bool, seed: int) -> tl.Tiled:
+    """``P Ω`` (``above``) or ``(I - P) Ω`` for ``P = (U + I) / 2``, ``Ω`` Gaussian ``n x cols``."""
+    omega = ctx.random(u.rows, cols, seed)
+    y = ctx.temp(u.rows, cols)
+    ctx.product(tl.Term(u, omega, 0.5 if above else -0.5), y, add=omega, beta=0.5)
+    ctx.release(omega)
+    return y
+
+
 def _range_bases(
     ctx: _Context, a: tl.Tiled, u: tl.Tiled, k: int, seed: int
 ) -> tuple[tl.Tiled, tl.Tiled, tl.Tiled] | None:
@@ -304,14 +316,8 @@ def _range_bases(
     tolerance after one subspace-iteration step and one refinement.
     """
     n = a.rows
-    bases = []
-    for sign, cols, offset in ((-0.5, n - k, 1), (0.5, k, 0)):  # (I - P) Ω', P Ω
-        omega = ctx.random(n, cols, seed + offset)
-        y = ctx.temp(n, cols)
-        ctx.product(tl.Term(u, omega, sign), y, add=omega, beta=0.5)
-        ctx.release(omega)
-        bases.append(y)
-    below, above = bases
+    below = _projected(ctx, u, n - k, False, seed + 1)  # (I - P) Ω'
+    above = _projected(ctx, u, k, True, seed)  # P Ω
     try:
         for refine in (False, True):
             for q in (below, above):
@@ -338,8 +344,7 @@ def _range_bases(
             ctx.release(aq)
     except NotPositiveDefiniteError:  # a rank-deficient start: the projector was not clean
         pass
-    ctx.release(below)
-    ctx.release(above)
+    ctx.release(below, above)
     return None
 
 
@@ -457,13 +462,8 @@ def _reflector_split(
 
 def _polar_basis(ctx: _Context, u: tl.Tiled, k: int, seed: int) -> tuple[np.ndarray, bool]:
     """``P Ω`` (or ``(I - P) Ω``, the smaller side) for the polar factor ``u``, in memory."""
-    n = u.rows
-    small_above = k <= n - k
-    s = k if small_above else n - k
-    omega = ctx.random(n, s, seed)
-    y = ctx.temp(n, s)
-    ctx.product(tl.Term(u, omega, 0.5 if small_above else -0.5), y, add=omega, beta=0.5)
-    ctx.release(omega)
+    small_above = k <= u.rows - k
+    y = _projected(ctx, u, min(k, u.rows - k), small_above, seed)
     basis = y.read_region(slice(None), slice(None))
     ctx.release(y)
     return basis, small_above
@@ -518,7 +518,7 @@ def _subspace_basis(
     be larger than the sample's). The split's check decides the rest.
     """
     n = a.rows
-    fit = ctx.memory_bound // (REFLECTOR_COPIES * n * ctx.dtype.itemsize)  # columns
+    fit = ctx.reflector_columns(n)
     rate, s, small_above = _subspace_group(mu, min(fit, n - 1) - 2)
     if rate > _SUBSPACE_MAX_RATE:
         return None
@@ -567,14 +567,12 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     """Find and store an accepted split of block ``name``: its method and both sub-blocks.
 
     First a few outlying eigenvalues by subspace iteration (:func:`_subspace_basis`) and
-    a block reflector. Else QDWH's polar factor at each
-    split point: the block-reflector split when the smaller side's ``n x s`` arrays fit
-    the bound (``REFLECTOR_COPIES`` of them), else (or if it fails its check) bases of
-    both sides.
+    a block reflector. Else QDWH's polar factor at each split point: the block-reflector
+    split when the smaller side fits :meth:`_Context.reflector_columns`, else (or if it
+    fails its check) bases of both sides.
     """
     n = a.rows
     mu = _sample_spectrum(a, ctx.memory_bound)
-    points = _split_points(a, mu)
     found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
@@ -583,7 +581,7 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         return info
     tries = [
         (sigma, d)
-        for sigma, distance in points
+        for sigma, distance in _split_points(a, mu)
         for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then eps
     ]
     for attempt, (sigma, distance) in enumerate(tries):
@@ -599,9 +597,7 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         k = round((trace + n) / 2)
         seed = 4 * (depth * 16 + attempt)
         info = None
-        if k not in (0, n) and REFLECTOR_COPIES * n * min(k, n - k) * ctx.dtype.itemsize <= (
-            ctx.memory_bound
-        ):
+        if k not in (0, n) and min(k, n - k) <= ctx.reflector_columns(n):
             info = _reflector_split(ctx, name, a, *_polar_basis(ctx, u, k, seed))
         if info is None and k not in (0, n):
             info = _bases_split(ctx, name, a, u, k, seed)

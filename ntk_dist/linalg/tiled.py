@@ -363,10 +363,6 @@ class Factor:
     lower: Tiled
     inverses: Tiled
 
-    def release(self) -> None:
-        self.lower.release()
-        self.inverses.release()
-
 
 @dataclass(frozen=True)
 class SolveJob:
