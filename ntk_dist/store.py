@@ -37,6 +37,7 @@ __all__ = ["KernelStore", "NonFiniteTileError", "StoreMismatchError", "check_fin
 _ATTR = "ntk_dist"
 _LEDGER = "ntk_dist_tiles/"
 _FORMAT_VERSION = 1
+_CREATE_WAIT = 2.0  # seconds a folder without zarr.json may take to become a store
 
 
 class StoreMismatchError(ValueError):
@@ -197,13 +198,23 @@ class KernelStore:
 
     @staticmethod
     def _read_meta(kv_spec: dict[str, Any]) -> dict | None:
-        """The ntk_dist attributes at the path; None if nothing is there."""
-        try:
-            kv = ts.KvStore.open(kv_spec).result()
-            raw = kv.read("zarr.json").result()
-            occupied = raw.state != "value" and bool(kv.list().result())
-        except ValueError as e:
-            raise OSError(f"cannot open a kernel store at {kv_spec['path']}: {e}") from e
+        """The ntk_dist attributes at the path; None if nothing is there.
+
+        A folder with files but no ``zarr.json`` is read again for up to
+        ``_CREATE_WAIT`` seconds (another process of a multi-host job may be creating
+        the store this moment) before it is refused as something else.
+        """
+        deadline = time.monotonic() + _CREATE_WAIT
+        while True:
+            try:
+                kv = ts.KvStore.open(kv_spec).result()
+                raw = kv.read("zarr.json").result()
+                occupied = raw.state != "value" and bool(kv.list().result())
+            except ValueError as e:
+                raise OSError(f"cannot open a kernel store at {kv_spec['path']}: {e}") from e
+            if not occupied or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         if raw.state != "value":
             if occupied:
                 raise FileExistsError(
