@@ -14,7 +14,7 @@ from ntk_dist.linalg.qdwh import HOST_LEAF_COPIES, divide_and_conquer_eigh
 from ntk_dist.linalg.tiled import LocalRunner, RayRunner
 
 N, TILE, LEAF = 100, 30, 60  # blocks above 60 x 60 are split (the first split halves N)
-BOUND = HOST_LEAF_COPIES * LEAF * LEAF * 8
+BOUND = int(HOST_LEAF_COPIES * LEAF * LEAF * 8)
 
 
 def matrix():

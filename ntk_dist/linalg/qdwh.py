@@ -31,8 +31,8 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    (and two bases are orthogonal to each other; a reflector is orthogonal by
    construction), else the next ``σ``: degenerate or clustered spectra cannot produce
    a wrong result, only another try;
-5. recurse on ``Q_i^T A Q_i`` until a block fits in core (LAPACK's dsyevr on the host,
-   two copies of the block; ``jnp.linalg.eigh`` on a device) or is a multiple of
+5. recurse on ``Q_i^T A Q_i`` until a block fits in core (on the host 1.5 copies of it:
+   :func:`_host_leaf`; ``jnp.linalg.eigh`` on a device) or is a multiple of
    ``I``; a block's eigenvectors are kept as column parts ``Q_i V_part`` (one per leaf),
    so nothing is ever written at an unaligned column offset.
 
@@ -64,7 +64,8 @@ from ntk_dist.linalg.operator import NotPositiveDefiniteError
 __all__ = ["SplitFailedError", "divide_and_conquer_eigh", "polar_factor", "scratch_bytes"]
 
 IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, workspace
-HOST_LEAF_COPIES = 2  # a host leaf: the block, overwritten by LAPACK's dsyevr, and V
+HOST_LEAF_COPIES = 1.5  # a host leaf: the block (then half of it, its reflectors) and V
+_REFLECTOR_BLOCK = 64  # reflectors of a host leaf's tridiagonal reduction applied at once
 REFLECTOR_COPIES = 8  # n x s arrays a reflector split holds: V, W2, [V W2], [W2 V], rows
 _SUBSPACE_OVERSAMPLING = 16  # extra columns of a subspace iteration (fewer if the bound is tight)
 _SUBSPACE_MAX_RATE = 0.1  # estimated convergence per pass above which QDWH is used
@@ -390,22 +391,29 @@ def _split_points(a: tl.Tiled, mu: np.ndarray) -> list[tuple[float, float]]:
     return points[:_SPLIT_TRIES]
 
 
+def _compact_wy(v: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """``T`` with ``H_1 H_2 ... H_s = I - V T V^T`` for reflectors ``H_i = I - tau_i v_i v_i^T``
+    (the columns of ``V``): upper triangular, as LAPACK's larft forms it."""
+    s = v.shape[1]
+    gram = v.T @ v
+    t = np.zeros((s, s), v.dtype)
+    for i in range(s):
+        t[i, i] = tau[i]
+        t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
+    return t
+
+
 def _block_reflector(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``V``, ``T`` of the Householder QR of the ``n x s`` matrix ``y`` in compact WY form.
 
-    ``Q = I - V T V^T`` (``V`` unit lower trapezoidal, ``T`` upper triangular, as LAPACK's
-    larft forms it) is orthogonal and its first ``s`` columns span ``range(y)``.
+    ``Q = I - V T V^T`` (``V`` unit lower trapezoidal) is orthogonal and its first ``s``
+    columns span ``range(y)``.
     """
     h, tau = np.linalg.qr(y, mode="raw")  # LAPACK's geqrf output, transposed
     s = y.shape[1]
     v = np.tril(h.T, -1)
     v[np.arange(s), np.arange(s)] = 1
-    gram = v.T @ v
-    t = np.zeros((s, s), y.dtype)
-    for i in range(s):
-        t[i, i] = tau[i]
-        t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
-    return v, t
+    return v, _compact_wy(v, tau)
 
 
 def _reflector_split(
@@ -621,15 +629,14 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     values_file = name + ".w.npy"
     copies = HOST_LEAF_COPIES if ctx.device is None else IN_CORE_COPIES
     if copies * n * n * ctx.dtype.itemsize <= ctx.memory_bound:
-        dense = a.read_region(slice(None), slice(None))
-        if ctx.device is None:  # MRRR: O(n) workspace, so the leaves are twice as large
-            w, v = scipy.linalg.eigh(  # dense.T: Fortran order, so LAPACK works in place
-                dense.T, overwrite_a=True, check_finite=False, driver="evr"
-            )
+        if ctx.device is None:
+            w, v = _host_leaf(a)
         else:
-            w, v = map(np.asarray, jnp.linalg.eigh(jax.device_put(dense, ctx.device)))
-        del dense
+            dense = jax.device_put(a.read_region(slice(None), slice(None)), ctx.device)
+            w, v = map(np.asarray, jnp.linalg.eigh(dense))
+            del dense
         ctx.new(name + ".v0", n, n).write_region(slice(None), slice(None), v)
+        del v
         info = {"parts": [name + ".v0"], "sizes": [n], "values": values_file}
     else:
         mean = sums["trace"] / n
@@ -645,6 +652,37 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     for f in used:  # the children's files, now that this block's parts replace them
         ctx.release(ctx.matrix(f, 0, 0))
     return info
+
+
+def _host_leaf(a: tl.Tiled) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric block ``a``, in
+    ``HOST_LEAF_COPIES`` blocks of memory (dsyevr takes two).
+
+    LAPACK's tridiagonal reduction (sytrd) in place; its reflectors are copied out in
+    blocks of ``_REFLECTOR_BLOCK`` (compact WY, half the block) before the block is
+    freed; MRRR (stemr) gives all eigenvectors of the tridiagonal matrix at once (so
+    they are orthogonal in clusters too), and the reflector blocks are applied to them.
+    """
+    n = a.rows
+    block = a.read_region(slice(None), slice(None)).T  # Fortran order: LAPACK works in place
+    sytrd, sytrd_lwork = scipy.linalg.get_lapack_funcs(("sytrd", "sytrd_lwork"), (block,))
+    lwork, _ = sytrd_lwork(n, lower=1)
+    block, d, e, tau, info = sytrd(block, lower=1, lwork=max(int(lwork), 1), overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK sytrd failed on a {n} x {n} block (info={info})")
+    reflectors = []  # Q = H_0 H_1 ... H_{n-2}; H_j acts on rows j+1.. (LAPACK's lower storage)
+    for j0 in range(0, n - 1, _REFLECTOR_BLOCK):
+        j1 = min(n - 1, j0 + _REFLECTOR_BLOCK)
+        v = np.tril(block[j0 + 1 :, j0:j1], -1)
+        v[np.arange(j1 - j0), np.arange(j1 - j0)] = 1
+        reflectors.append((j0, v, _compact_wy(v, tau[j0:j1])))
+    del block
+    w, z = scipy.linalg.eigh_tridiagonal(d, e, check_finite=False, lapack_driver="stemr")
+    for j0, v, t in reversed(reflectors):
+        for c in range(0, n, _REFLECTOR_BLOCK * 4):  # temporaries of a few columns
+            part = z[j0 + 1 :, c : c + _REFLECTOR_BLOCK * 4]
+            part -= v @ (t @ (v.T @ part))
+    return w, z
 
 
 def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
