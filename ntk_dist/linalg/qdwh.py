@@ -7,19 +7,21 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    first, if a few sampled eigenvalues at one end lie far from the rest, their invariant
    subspace comes from subspace iteration (a few passes over ``A``) and the split from
    one block reflector (step 3), with no QDWH at all;
-2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on
-   ``X0 = (A - σI) / |A - σI|_F`` with dynamic weights from a lower bound ``l0`` of its
-   singular values: first an estimate from the sampled gap if it is at least ``1e-4``
-   (fewer steps, stopping when ``l_k`` reaches 1; if the split then fails its check, the
-   safe ``l0 = eps`` follows). While ``c`` exceeds a cutoff the QR-based step, its QR
-   done by CholeskyQR2 of ``[sqrt(c) X; I]`` (stable for ``cond <= eps^-1/2``), then the
-   Cholesky-based step ``X <- (b/c) X + (a - b/c) X Z^{-1}`` with ``Z = I + c X^T X``
-   (half the flops; X stays symmetric, so is the result). The cutoff is 100 (where the
-   Cholesky-based step is stable) from eps, and ``1e5`` from an estimate: its error grows
-   like ``c eps`` only for singular values near ``c^-1/2``, which a wide gap does not
-   have, and the split's check catches it when one does (then the safe try follows).
-   From eps, stop when ``|X_k - X_{k-1}|_F <= (5 eps)^(1/3)``. The scaling, combination
-   and norms are fused into the products and solves;
+2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / α``, ``α``
+   about ``|A - σI|_2`` from the ends of the spectrum (Lanczos, 20 passes over ``A``),
+   with dynamic weights from a lower bound ``l0`` of its singular values: first an
+   estimate from the sampled gap if it is at least ``1e-4`` (fewer steps, stopping when
+   ``l_k`` reaches 1 and ``|X|_F^2 = n``; if the split then fails its check, the safe
+   try follows), then ``l0 = 1e-5``; either runs on until a step changes ``X`` by at
+   most ``(5 eps)^(1/3)`` (a smaller singular value only takes more steps). While ``c``
+   exceeds a cutoff the QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]``
+   (stable for ``cond <= eps^-1/2``), then the Cholesky-based step
+   ``X <- (b/c) X + (a - b/c) X Z^{-1}`` with ``Z = I + c X^T X`` (half the flops; X stays
+   symmetric, so is the result). The cutoff is 100 (where the Cholesky-based step is
+   stable) in the safe try, and ``1e5`` from an estimate: its error grows like ``c eps``
+   only for singular values near ``c^-1/2``, which a wide gap does not have, and the
+   split's check catches it when one does (then the safe try follows). The scaling,
+   combination and norms are fused into the products and solves;
 3. ``P = (U + I) / 2`` projects onto the eigenspace above ``σ``, of rank ``k = round(tr P)``;
    if the smaller side's ``n x s`` arrays fit the bound, one block reflector
    ``Q = I - V T V^T`` from the Householder QR of ``P Ω`` (or ``(I - P) Ω``) gives both
@@ -74,6 +76,9 @@ SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see sc
 _QR_CUTOFF = 100.0  # the QR-based QDWH step while c exceeds this (safe) ...
 _MIN_ESTIMATED_BOUND = 1e-4  # a smaller estimate of l0 is not tried (one step saved, if right)
 _QR_CUTOFF_ESTIMATED = 1e5  # ... or this, from an estimated lower bound (checked by the split)
+_ASSUMED_BOUND = 1e-5  # the lower bound without an estimate: one QR-based step, then c < 100
+_UNIT_SUMSQ = 1e-8  # |X|_F^2 within this of n (relative): every singular value has reached 1
+_LANCZOS_STEPS = 20  # for the ends of a block's spectrum (the scale of A - σI)
 _MAX_ITERATIONS = 30
 _SPLIT_TRIES = 6
 _IDENTITY = "identity"  # an eigenvector part equal to I (a block that is a multiple of I)
@@ -229,16 +234,21 @@ def polar_factor(
 ) -> tuple[tl.Tiled, float, int]:
     """Unitary polar factor of ``x`` by QDWH; it, its trace and the step count.
 
-    ``scale >= |x|_2``: the iteration starts from ``x / scale`` (the division is fused
-    into the first step). ``lower_bound``: an estimate of the smallest singular value of
-    ``x / scale`` (at least eps is used): a larger one takes fewer steps and stops as soon
-    as the bound reaches 1, and uses Cholesky-based steps from ``c <= 1e5`` on; one too
-    large may stop early or lose accuracy (the split's check then fails).
+    ``scale``: about ``|x|_2`` (an underestimate costs steps: singular values of
+    ``x / scale`` above 1 are brought down to 1 by the last steps). The iteration starts
+    from ``x / scale`` (the division is fused into the first step). ``lower_bound``: an
+    estimate of the smallest singular value of ``x / scale``: Cholesky-based steps from
+    ``c <= 1e5`` on, and the iteration stops once the bound reaches 1 if ``|X|_F^2 = n``
+    (one too large takes more steps, or loses accuracy: the split's check then fails).
+    Without one (0), ``_ASSUMED_BOUND`` is assumed. Else the iteration runs until a step
+    changes ``X`` by at most ``(5 eps)^(1/3)`` in the Frobenius norm: a smaller singular
+    value only takes more steps (each of the last ones triples it).
     ``x`` is consumed (released).
     """
     n, w = x.rows, 1.0 / scale
     eps = float(np.finfo(ctx.dtype).eps)
-    lo, tol = min(max(lower_bound, eps), 1.0), (5 * eps) ** (1 / 3)
+    lo, tol = (lower_bound if lower_bound > 0 else _ASSUMED_BOUND), (5 * eps) ** (1 / 3)
+    lo = min(max(lo, eps), 1.0)
     for step in range(1, _MAX_ITERATIONS + 1):
         a, b, c, l_next = _coefficients(lo) if lo < 1 - 10 * eps else (3.0, 1.0, 3.0, 1.0)
         z = ctx.temp(n, n)
@@ -248,7 +258,7 @@ def polar_factor(
         finally:
             ctx.release(z)
         new = ctx.temp(n, n)
-        if c > (_QR_CUTOFF_ESTIMATED if lower_bound > eps else _QR_CUTOFF):  # CholeskyQR2
+        if c > (_QR_CUTOFF_ESTIMATED if lower_bound > 0 else _QR_CUTOFF):  # CholeskyQR2
             q1, q2 = ctx.temp(n, n), ctx.temp(n, n, "upper")
             ctx.solve(x, [(l1, True)], q1, alpha=math.sqrt(c) * w)  # sqrt(c) X L1^-T
             ctx.solve(None, [(l1, True)], q2)  # L1^-T
@@ -275,9 +285,13 @@ def polar_factor(
             ctx.release(l1)
         ctx.release(x)
         x, lo, w = new, l_next, 1.0
-        # converged once the lower bound reaches 1 if it was right (an estimate: the
-        # split's check decides), else once the step is small enough
-        if lo >= 1 - 10 * eps and (lower_bound > eps or math.sqrt(sums["diffsq"]) <= tol):
+        # converged once the lower bound reaches 1 and the step was small enough; from
+        # an estimate, already if |X|_F^2 = n (every singular value reached 1: the
+        # split's check decides the rest), else the estimate was too large: more steps
+        if lo >= 1 - 10 * eps and (
+            math.sqrt(sums["diffsq"]) <= tol
+            or (lower_bound > 0 and abs(sums["sumsq"] - n) <= _UNIT_SUMSQ * n)
+        ):
             return x, sums["trace"], step
     ctx.release(x)
     raise SplitFailedError(f"QDWH did not converge in {_MAX_ITERATIONS} steps")
@@ -488,6 +502,27 @@ def _shifted_product(a: tl.Tiled, y: np.ndarray, shift: float) -> np.ndarray:
     return out - shift * y
 
 
+def _spectrum_ends(a: tl.Tiled, steps: int, seed: int) -> tuple[float, float]:
+    """The smallest and largest Ritz values of ``steps`` Lanczos steps on ``A`` (one pass
+    over ``A`` each): inside the spectrum, close to its ends."""
+    n = a.rows
+    k = min(steps, n)
+    q = np.zeros((n, k), a.dtype)
+    aq = np.zeros((n, k), a.dtype)
+    v = np.random.default_rng(seed).standard_normal(n).astype(a.dtype)
+    for j in range(k):
+        q[:, j] = v / np.linalg.norm(v)
+        aq[:, j] = _shifted_product(a, q[:, j : j + 1], 0.0)[:, 0]
+        v = aq[:, j] - q[:, : j + 1] @ (q[:, : j + 1].T @ aq[:, j])
+        v -= q[:, : j + 1] @ (q[:, : j + 1].T @ v)  # twice is enough
+        if np.linalg.norm(v) <= np.finfo(a.dtype).eps * np.linalg.norm(aq[:, j]):
+            k = j + 1  # an invariant subspace: its Ritz values are eigenvalues
+            break
+    h = q[:, :k].T @ aq[:, :k]
+    theta = np.linalg.eigvalsh((h + h.T) / 2)
+    return float(theta[0]), float(theta[-1])
+
+
 def _subspace_group(mu: np.ndarray, most: int) -> tuple[float, int, bool]:
     """The group of at most ``most`` sampled eigenvalues at either end of ``mu`` that
     subspace iteration separates fastest: its rate, size and side (True: the top).
@@ -590,15 +625,20 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     tries = [
         (sigma, d)
         for sigma, distance in _split_points(a, mu)
-        for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then eps
+        for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then the safe try
     ]
+    low, high = _spectrum_ends(a, _LANCZOS_STEPS, 4 * depth * 16 + 1)
     for attempt, (sigma, distance) in enumerate(tries):
         x0 = ctx.temp(n, n)
-        scale = max(math.sqrt(ctx.combine(a, x0, 1.0, -sigma)), float(np.finfo(ctx.dtype).tiny))
+        frobenius = math.sqrt(ctx.combine(a, x0, 1.0, -sigma))
+        # |A - σI|_2 from the Ritz values (inside the spectrum: a margin); the Frobenius
+        # norm bounds it. An underestimate costs a step or two, never accuracy.
+        scale = min(frobenius, 1.1 * max(high - sigma, sigma - low, 0.0))
+        scale = max(scale or frobenius, float(np.finfo(ctx.dtype).tiny))
         if 0 < distance / scale < _MIN_ESTIMATED_BOUND:  # saves a step at most: the safe try
             ctx.release(x0)
             continue
-        try:  # |A - σI|_F >= |A - σI|_2; smallest singular value of X0 about distance / scale
+        try:  # smallest singular value of X0 about distance / scale, if estimated
             u, trace, _ = polar_factor(ctx, x0, scale, distance / scale)
         except (SplitFailedError, NotPositiveDefiniteError):
             continue
