@@ -1,15 +1,17 @@
 """Eigendecomposition of a stored kernel, stored next to it for reuse.
 
 In core: the kernel is assembled in memory and decomposed by LAPACK through JAX
-(``jnp.linalg.eigh``) when ``IN_CORE_COPIES`` copies fit the memory bound; the
-eigenvalues (``values``, shape ``(N,)``) and eigenvectors (``vectors``, ``N x N`` in
-``b x b`` chunks, one ledger entry per block row) are written to Zarr beside the kernel.
-Later runs read them back; :class:`StoredEigendecomposition` applies
+(``jnp.linalg.eigh``) when ``IN_CORE_COPIES`` copies fit the memory bound, else on CPU
+devices by :func:`~ntk_dist.linalg.qdwh.host_eigh` when ``HOST_LEAF_COPIES`` (1.5) do
+(LAPACK's tridiagonal reduction in place: 4.58 s against numpy's 4.53 s at N = 4096
+here); the eigenvalues (``values``, shape ``(N,)``) and eigenvectors (``vectors``,
+``N x N`` in ``b x b`` chunks, one ledger entry per block row) are written to Zarr beside
+the kernel. Later runs read them back; :class:`StoredEigendecomposition` applies
 ``V diag(w) V^T`` streaming row panels of ``V``.
 
-Out of core (``IN_CORE_COPIES`` copies do not fit the bound): spectral divide and
-conquer with tiled QDWH polar decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch
-tiles of the tiled Cholesky's size; the eigenvectors are written block row by block row
+Out of core (neither fits the bound): spectral divide and conquer with tiled QDWH polar
+decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch tiles of the tiled Cholesky's
+size; the eigenvectors are written block row by block row
 into the same stored layout, so later runs cannot tell the two paths apart. The scratch
 folder (:func:`default_scratch_dir`, beside the factors) keeps a ledger of finished
 splits and blocks, so an interrupted eigh resumes where it stopped.
@@ -36,6 +38,7 @@ __all__ = [
     "StoredEigendecomposition",
     "default_scratch_dir",
     "fits_in_core",
+    "fits_on_host",
     "is_complete",
     "out_of_core_eigh",
     "write_eigh",
@@ -45,8 +48,13 @@ IN_CORE_COPIES = 4  # K, JAX's symmetrised copy, V and LAPACK's workspace
 
 
 def fits_in_core(n: int, itemsize: int, memory_bound: int) -> bool:
-    """Whether the in-core eigh of an ``n x n`` matrix fits the memory bound."""
+    """Whether JAX's in-core eigh of an ``n x n`` matrix fits the memory bound."""
     return IN_CORE_COPIES * n * n * itemsize <= memory_bound
+
+
+def fits_on_host(n: int, itemsize: int, memory_bound: int) -> bool:
+    """Whether :func:`~ntk_dist.linalg.qdwh.host_eigh` of an ``n x n`` matrix fits it."""
+    return qdwh.HOST_LEAF_COPIES * n * n * itemsize <= memory_bound
 
 
 def out_of_core_eigh(

@@ -7,7 +7,8 @@ resident for products only if it takes at most half the bound, otherwise every
 product streams the store's tiles. The Cholesky factorisation is always the tiled one
 (tiles of at most ``STREAM_TILE``: reading the kernel and writing the factor overlap the
 arithmetic, which beats reading, factorising and writing in turn); eigh runs in core
-when it fits and out of core (:mod:`ntk_dist.linalg.qdwh`) when not. Factorisations are
+when it fits (:mod:`ntk_dist.linalg.eigh`) and out of core (:mod:`ntk_dist.linalg.qdwh`)
+when not. Factorisations are
 written next to the kernel (:mod:`ntk_dist.linalg.factor_store`) and reused by every
 later operator on the same store with the same diagonal shift and dtype (``reused`` counts those).
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from ntk_dist.linalg import cholesky as chol
 from ntk_dist.linalg import eigh as eig
+from ntk_dist.linalg import qdwh
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import (
     CholeskyFactor,
@@ -254,6 +256,14 @@ class StoredKernelOperator(KernelOperator):
             w, v = jnp.linalg.eigh(self.to_dense())
             eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
             return DenseEigendecomposition(w, v)
+        on_cpu = all(d.platform == "cpu" for d in self.devices or jax.local_devices())
+        if on_cpu and eig.fits_on_host(n, self.dtype.itemsize, self.memory_bound):
+            w, v = qdwh.host_eigh(self.to_dense)
+            eig.write_eigh(values, vectors, w, v)
+            if self._fits(2):
+                return DenseEigendecomposition(jnp.asarray(w), jnp.asarray(v))
+            del v
+            return eig.StoredEigendecomposition(values, vectors)
         eig.out_of_core_eigh(
             self.read,
             n,
