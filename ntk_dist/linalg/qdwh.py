@@ -12,7 +12,8 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    with dynamic weights from a lower bound ``l0`` of its singular values: first an
    estimate from the sampled gap if it is at least ``1e-4`` (fewer steps, stopping when
    ``l_k`` reaches 1 and ``|X|_F^2 = n``; if the split then fails its check, the safe
-   try follows), then ``l0 = 1e-5``; either runs on until a step changes ``X`` by at
+   try follows), then ``l0`` a hundredth of the eigenvalue spacing near ``σ`` that the
+   sample suggests (at most ``1e-5``); either runs on until a step changes ``X`` by at
    most ``(5 eps)^(1/3)`` (a smaller singular value only takes more steps). While ``c``
    exceeds a cutoff the QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]``
    (stable for ``cond <= eps^-1/2``), then the Cholesky-based step
@@ -83,7 +84,7 @@ SCRATCH_MATRICES = 12  # n x n matrices the scratch folder holds at most (see sc
 _QR_CUTOFF = 100.0  # the QR-based QDWH step while c exceeds this (safe) ...
 _MIN_ESTIMATED_BOUND = 1e-4  # a smaller estimate of l0 is not tried (one step saved, if right)
 _QR_CUTOFF_ESTIMATED = 1e5  # ... or this, from an estimated lower bound (checked by the split)
-_ASSUMED_BOUND = 1e-5  # the lower bound without an estimate: one QR-based step, then c < 100
+_ASSUMED_BOUND = 1e-5  # the largest lower bound assumed without a gap: one QR-based step
 _UNIT_SUMSQ = 1e-13  # |X|_F^2 within this of n (relative): every singular value reached 1
 _LANCZOS_STEPS = 20  # for the ends of a block's spectrum (the scale of A - σI)
 _MAX_ITERATIONS = 30
@@ -230,6 +231,12 @@ class _Context:
         """How many columns of ``n`` rows a reflector split may hold (``REFLECTOR_COPIES``)."""
         return self.memory_bound // (REFLECTOR_COPIES * n * self.dtype.itemsize)
 
+    def leaf_size(self) -> int:
+        """The largest block decomposed in core (``HOST_LEAF_COPIES`` or, on a device,
+        ``IN_CORE_COPIES`` copies of it fit the bound)."""
+        copies = HOST_LEAF_COPIES if self.device is None else IN_CORE_COPIES
+        return math.isqrt(int(self.memory_bound // (copies * self.dtype.itemsize)))
+
     def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Factor:
         inverses = self.temp(self.tile, z.grid[0] * self.tile)
         return tl.cholesky(z, self.temp(z.rows, z.cols), inverses, shift)
@@ -237,25 +244,24 @@ class _Context:
 
 # ------------------------------------------------------------------------ QDWH
 def polar_factor(
-    ctx: _Context, x: tl.Tiled, scale: float, lower_bound: float = 0.0
+    ctx: _Context, x: tl.Tiled, scale: float, lower_bound: float, estimated: bool = False
 ) -> tuple[tl.Tiled, float, int]:
     """Unitary polar factor of ``x`` by QDWH; it, its trace and the step count.
 
     ``scale``: about ``|x|_2`` (an underestimate costs steps: singular values of
     ``x / scale`` above 1 are brought down to 1 by the last steps). The iteration starts
-    from ``x / scale`` (the division is fused into the first step). ``lower_bound``: an
-    estimate of the smallest singular value of ``x / scale``: Cholesky-based steps from
-    ``c <= 1e5`` on, and the iteration stops once the bound reaches 1 if ``|X|_F^2 = n``
-    (one too large takes more steps, or loses accuracy: the split's check then fails).
-    Without one (0), ``_ASSUMED_BOUND`` is assumed. Else the iteration runs until a step
-    changes ``X`` by at most ``(5 eps)^(1/3)`` in the Frobenius norm: a smaller singular
-    value only takes more steps (each of the last ones triples it).
+    from ``x / scale`` (the division is fused into the first step). ``lower_bound``: of
+    the singular values of ``x / scale`` (at least eps is used); a smaller singular value
+    only takes more steps (each of the last ones triples it). The iteration runs until a
+    step changes ``X`` by at most ``(5 eps)^(1/3)`` in the Frobenius norm. ``estimated``:
+    the bound comes from a gap (Cholesky-based steps from ``c <= 1e5`` on, and the
+    iteration stops once the bound reaches 1 if ``|X|_F^2 = n``; a bound that is too
+    large may lose accuracy: the split's check then fails).
     ``x`` is consumed (released).
     """
     n, w = x.rows, 1.0 / scale
     eps = float(np.finfo(ctx.dtype).eps)
-    lo, tol = (lower_bound if lower_bound > 0 else _ASSUMED_BOUND), (5 * eps) ** (1 / 3)
-    lo = min(max(lo, eps), 1.0)
+    lo, tol = min(max(lower_bound, eps), 1.0), (5 * eps) ** (1 / 3)
     for step in range(1, _MAX_ITERATIONS + 1):
         a, b, c, l_next = _coefficients(lo) if lo < 1 - 10 * eps else (3.0, 1.0, 3.0, 1.0)
         z = ctx.temp(n, n)
@@ -265,7 +271,7 @@ def polar_factor(
         finally:
             ctx.release(z)
         new = ctx.temp(n, n)
-        if c > (_QR_CUTOFF_ESTIMATED if lower_bound > 0 else _QR_CUTOFF):  # CholeskyQR2
+        if c > (_QR_CUTOFF_ESTIMATED if estimated else _QR_CUTOFF):  # CholeskyQR2
             q1, q2 = ctx.temp(n, n), ctx.temp(n, n, "upper")
             ctx.solve(x, [(l1, True)], q1, alpha=math.sqrt(c) * w)  # sqrt(c) X L1^-T
             ctx.solve(None, [(l1, True)], q2)  # L1^-T
@@ -297,7 +303,7 @@ def polar_factor(
         # split's check decides the rest), else the estimate was too large: more steps
         if lo >= 1 - 10 * eps and (
             math.sqrt(sums["diffsq"]) <= tol
-            or (lower_bound > 0 and abs(sums["sumsq"] - n) <= _UNIT_SUMSQ * n)
+            or (estimated and abs(sums["sumsq"] - n) <= _UNIT_SUMSQ * n)
         ):
             return x, sums["trace"], step
     ctx.release(x)
@@ -384,6 +390,12 @@ def _sample_spectrum(a: tl.Tiled, memory_bound: int) -> np.ndarray:
             tile = a.read_tiles([(i, j)])[0]
             sample[np.ix_(rows, cols)] = tile[np.ix_(index[rows] - i * b, index[cols] - j * b)]
     return np.linalg.eigvalsh(sample)
+
+
+def _spacing_near(mu: np.ndarray, sigma: float) -> float:
+    """The gap of the sampled spectrum ``mu`` around ``σ`` (0 outside it)."""
+    j = int(np.searchsorted(mu, sigma))
+    return float(mu[j] - mu[j - 1]) if 0 < j < len(mu) else 0.0
 
 
 def _split_points(a: tl.Tiled, mu: np.ndarray) -> list[tuple[float, float]]:
@@ -645,8 +657,13 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         if 0 < distance / scale < _MIN_ESTIMATED_BOUND:  # saves a step at most: the safe try
             ctx.release(x0)
             continue
-        try:  # smallest singular value of X0 about distance / scale, if estimated
-            u, trace, _ = polar_factor(ctx, x0, scale, distance / scale)
+        if distance > 0:  # smallest singular value of X0 about distance / scale
+            bound, estimated = distance / scale, True
+        else:  # a hundredth of A's eigenvalue spacing near σ, as the sample suggests
+            spacing = _spacing_near(mu, sigma) * len(mu) / n
+            bound, estimated = min(_ASSUMED_BOUND, spacing / 100 / scale), False
+        try:
+            u, trace, _ = polar_factor(ctx, x0, scale, bound, estimated)
         except (SplitFailedError, NotPositiveDefiniteError):
             continue
         k = round((trace + n) / 2)
@@ -674,8 +691,7 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
         return done
     a = ctx.matrix(name + ".a", n, n)
     values_file = name + ".w.npy"
-    copies = HOST_LEAF_COPIES if ctx.device is None else IN_CORE_COPIES
-    if copies * n * n * ctx.dtype.itemsize <= ctx.memory_bound:
+    if n <= ctx.leaf_size():
         if ctx.device is None:
             w, v = host_eigh(lambda: a.read_region(slice(None), slice(None)))
         else:
