@@ -9,7 +9,7 @@ For each N a float64 SPD kernel is written to a store in a temporary folder, the
   tiled factorisations' progress;
 - **stored eigh ÷ numpy.linalg.eigh**, in core and out of core (a bound of half the
   matrix: :mod:`ntk_dist.linalg.qdwh`), on a kernel with 64 outlying eigenvalues and on
-  one whose spectrum has no gap (see ``_store``);
+  two whose spectra have no gap (see ``_store``);
 - **one more prediction once the eigenbasis is stored**: a new ``gradient_descent_mse``
   on the store and one call at a new t (the stored eigenbasis is reused, not
   recomputed), in seconds and as a fraction of the eigh time.
@@ -47,17 +47,24 @@ from ntk_dist.tiling import TilePlan
 _FACTORS = "ntk_dist_linalg"  # the folder of a store that holds its factorisations
 
 
+SPECTRA = {  # eigenvalues of the kernels with no gap, in a random orthogonal basis
+    "spread": lambda n: np.linspace(1.0, 10.0, n),  # evenly over [1, 10]: the hardest
+    "power law": lambda n: 1.0 / np.arange(1, n + 1) + 1e-4,  # as an NTK with diag_reg
+}
+
+
 def _store(path: Path, n: int, block: int, spectrum: str = "outliers") -> KernelStore:
     """A stored SPD kernel: ``I + G G^T / 64`` (``"outliers"``: 64 large eigenvalues over
     a flat bulk, as an NTK with fewer parameters than examples) or ``Q diag(λ) Q^T`` with
-    ``λ`` evenly over [1, 10] (``"spread"``: no gap anywhere, the hard case)."""
+    ``λ`` from :data:`SPECTRA` (no gap anywhere: ``"spread"``, the hardest, and
+    ``"power law"`` ``1/i + 1e-4``, as an NTK with more parameters than examples)."""
     rng = np.random.default_rng(0)
     if spectrum == "outliers":
         g = rng.standard_normal((n, 64))
         k = g @ g.T / 64 + np.eye(n)
     else:
         q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        k = (q * np.linspace(1.0, 10.0, n)) @ q.T
+        k = (q * SPECTRA[spectrum](n)) @ q.T
         k = (k + k.T) / 2
     plan = TilePlan(n, n, (min(block, n), min(block, n)), symmetric=True)
     store = KernelStore.create(path, plan=plan, dtype=np.float64, fingerprint="bench")
@@ -111,8 +118,12 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
     """Stored eigh ÷ numpy's (in core; out of core for both spectra of :func:`_store`),
     and one more prediction once the eigenbasis is stored."""
     store = _store(path, n, 512)
-    spread = _store(path.with_name(path.name + "-spread"), n, 512, "spread")
-    dense, dense_spread = store.to_numpy(), spread.to_numpy()
+    gapless = {
+        name: _store(path.with_name(f"{path.name}-{i}"), n, 512, name)
+        for i, name in enumerate(SPECTRA)
+    }
+    dense = store.to_numpy()
+    dense_gapless = {name: kernel.to_numpy() for name, kernel in gapless.items()}
 
     def stored_eigh(kernel: KernelStore, bound: int | None) -> Callable[[], object]:
         def run() -> object:
@@ -122,16 +133,15 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
         return run
 
     out_of_core = n * n * 8 // 2  # below the matrix itself: the divide-and-conquer path
-    t = medians_in_turns(
-        {
-            "lapack": lambda: np.linalg.eigh(dense),
-            "ours": stored_eigh(store, None),
-            "out_of_core": stored_eigh(store, out_of_core),
-            "lapack_spread": lambda: np.linalg.eigh(dense_spread),
-            "out_of_core_spread": stored_eigh(spread, out_of_core),
-        },
-        repeats,
-    )
+    jobs = {
+        "lapack": lambda: np.linalg.eigh(dense),
+        "ours": stored_eigh(store, None),
+        "out_of_core": stored_eigh(store, out_of_core),
+    }
+    for name, kernel in gapless.items():
+        jobs[f"lapack {name}"] = lambda a=dense_gapless[name]: np.linalg.eigh(a)
+        jobs[f"out_of_core {name}"] = stored_eigh(kernel, out_of_core)
+    t = medians_in_turns(jobs, repeats)
     setup = f"N={n} float64, {_where()}"
     bound = f"bound {out_of_core / 2**20:.0f} MiB"
     rows = [
@@ -149,13 +159,16 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
             t["lapack"],
             "<= 3",
         ),
+    ]
+    rows += [
         ratio_row(
             "stored eigh ÷ numpy.linalg.eigh",
-            f"{setup}, spread spectrum, out of core (QDWH divide and conquer), {bound}",
-            t["out_of_core_spread"],
-            t["lapack_spread"],
+            f"{setup}, {name} spectrum, out of core (QDWH divide and conquer), {bound}",
+            t[f"out_of_core {name}"],
+            t[f"lapack {name}"],
             "<= 3",
-        ),
+        )
+        for name in SPECTRA
     ]
     y = np.ones((n, 1))
     gradient_descent_mse(store, y)(1.0, 0.0)  # the eigenbasis is stored (and jit compiled)
