@@ -11,10 +11,10 @@ the kernel. Later runs read them back; :class:`StoredEigendecomposition` applies
 
 Out of core (neither fits the bound): spectral divide and conquer with tiled QDWH polar
 decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch tiles of the tiled Cholesky's
-size; the eigenvectors are written block row by block row
-into the same stored layout, so later runs cannot tell the two paths apart. The scratch
-folder (:func:`default_scratch_dir`, beside the factors) keeps a ledger of finished
-splits and blocks, so an interrupted eigh resumes where it stopped.
+size; the eigenvectors are written block row by block row into the same stored layout,
+so later runs cannot tell the paths apart. The scratch folder
+(:func:`default_scratch_dir`, beside the factors) keeps a ledger of finished splits and
+blocks, so an interrupted eigh resumes where it stopped.
 """
 
 from __future__ import annotations
