@@ -62,6 +62,7 @@ import numpy as np
 import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
+from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
 
 __all__ = [
@@ -521,27 +522,6 @@ def _shifted_product(a: tl.Tiled, y: np.ndarray, shift: float) -> np.ndarray:
     return out - shift * y
 
 
-def _spectrum_ends(a: tl.Tiled, steps: int, seed: int) -> tuple[float, float]:
-    """The smallest and largest Ritz values of ``steps`` Lanczos steps on ``A`` (one pass
-    over ``A`` each): inside the spectrum, close to its ends."""
-    n = a.rows
-    k = min(steps, n)
-    q = np.zeros((n, k), a.dtype)
-    aq = np.zeros((n, k), a.dtype)
-    v = np.random.default_rng(seed).standard_normal(n).astype(a.dtype)
-    for j in range(k):
-        q[:, j] = v / np.linalg.norm(v)
-        aq[:, j] = _shifted_product(a, q[:, j : j + 1], 0.0)[:, 0]
-        v = aq[:, j] - q[:, : j + 1] @ (q[:, : j + 1].T @ aq[:, j])
-        v -= q[:, : j + 1] @ (q[:, : j + 1].T @ v)  # twice is enough
-        if np.linalg.norm(v) <= np.finfo(a.dtype).eps * np.linalg.norm(aq[:, j]):
-            k = j + 1  # an invariant subspace: its Ritz values are eigenvalues
-            break
-    h = q[:, :k].T @ aq[:, :k]
-    theta = np.linalg.eigvalsh((h + h.T) / 2)
-    return float(theta[0]), float(theta[-1])
-
-
 def _subspace_group(mu: np.ndarray, most: int) -> tuple[float, int, bool]:
     """The group of at most ``most`` sampled eigenvalues at either end of ``mu`` that
     subspace iteration separates fastest: its rate, size and side (True: the top).
@@ -646,7 +626,10 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         for sigma, distance in _split_points(a, mu)
         for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then the safe try
     ]
-    low, high = _spectrum_ends(a, _LANCZOS_STEPS, 4 * depth * 16 + 1)
+    theta = ritz_values(  # inside the spectrum, close to its ends
+        lambda v: _shifted_product(a, v[:, None], 0.0)[:, 0], n, _LANCZOS_STEPS, seed=depth + 1
+    )
+    low, high = theta[0], theta[-1]
     for attempt, (sigma, distance) in enumerate(tries):
         x0 = ctx.temp(n, n)
         frobenius = math.sqrt(ctx.combine(a, x0, 1.0, -sigma))

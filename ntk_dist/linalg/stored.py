@@ -59,7 +59,8 @@ class StoredKernelOperator(KernelOperator):
       progress: ``progress(done, total)`` after each block column of a tiled Cholesky,
         or True to print columns done, GFLOP/s and an ETA on stderr.
       tile_backend: where the tiled Cholesky's tile kernels run: ``"host"`` (LAPACK),
-        ``"device"`` (jitted on ``devices``) or ``"auto"`` (host on CPU devices).
+        ``"device"`` (jitted on ``devices``) or ``"auto"`` (host on CPU devices); on the
+        host, an eigh too large for JAX's in-core one may still run in core in 1.5 copies.
 
     Every tile read is checked for NaN/Inf (``NonFiniteTileError`` naming the tile).
     """
@@ -252,17 +253,18 @@ class StoredKernelOperator(KernelOperator):
             vectors = FactorStore.create(
                 self.store, names[1], (n, n), (tile, tile), self.dtype, attrs
             )
+        devices = self.devices or jax.local_devices()
+        on_host = chol.choose_tile_backend(self.tile_backend, devices) == "host"
+        in_core = None
         if eig.fits_in_core(n, self.dtype.itemsize, self.memory_bound):
-            w, v = jnp.linalg.eigh(self.to_dense())
+            in_core = jnp.linalg.eigh(self.to_dense())
+        elif on_host and eig.fits_on_host(n, self.dtype.itemsize, self.memory_bound):
+            in_core = qdwh.host_eigh(self.to_dense)
+        if in_core is not None:
+            w, v = in_core
             eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
-            return DenseEigendecomposition(w, v)
-        on_cpu = all(d.platform == "cpu" for d in self.devices or jax.local_devices())
-        if on_cpu and eig.fits_on_host(n, self.dtype.itemsize, self.memory_bound):
-            w, v = qdwh.host_eigh(self.to_dense)
-            eig.write_eigh(values, vectors, w, v)
             if self._fits(2):
                 return DenseEigendecomposition(jnp.asarray(w), jnp.asarray(v))
-            del v
             return eig.StoredEigendecomposition(values, vectors)
         eig.out_of_core_eigh(
             self.read,

@@ -7,40 +7,26 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import KernelOperator
 from ntk_dist.predict.kernel_matrix import as_kernel_operator
 
 
 def largest_eigenvalue(op: KernelOperator, rtol: float = 1e-12) -> float:
-    """Largest eigenvalue of a symmetric operator by Lanczos with full reorthogonalisation.
+    """Largest eigenvalue of a symmetric operator by Lanczos with full reorthogonalisation
+    (:func:`~ntk_dist.linalg.lanczos.ritz_values`, one ``op.matmul`` per iteration).
 
-    Uses only ``op.matmul`` (one matrix-vector product per iteration). Stops when the
-    residual bound ``|K v - θ v|`` of the top Ritz pair is below ``rtol * |θ|`` (some
-    eigenvalue then lies within that distance of ``θ``), or when the Krylov space is
-    invariant, which happens after at most ``dim(K)`` iterations and makes ``θ`` exact.
+    Stops when the residual bound ``|K v - θ v|`` of the top Ritz pair is below
+    ``rtol * |θ|`` (some eigenvalue then lies within that distance of ``θ``), or when the
+    Krylov space is invariant, which happens after at most ``dim(K)`` iterations and
+    makes ``θ`` exact.
     """
     op.require_square("largest_eigenvalue")
-    n = op.shape[0]
-    q = np.random.default_rng(0).standard_normal(n)
-    basis = [q / np.linalg.norm(q)]
-    alphas: list[float] = []
-    betas: list[float] = []
-    while True:
-        v = basis[-1]
-        w = np.asarray(op.matmul(jnp.asarray(v[:, None], op.dtype))[:, 0], dtype=np.float64)
-        alphas.append(float(v @ w))
-        q_mat = np.stack(basis, axis=1)
-        for _ in range(2):  # twice is enough to keep the basis orthogonal to round-off
-            w = w - q_mat @ (q_mat.T @ w)
-        beta = float(np.linalg.norm(w))
-        tri = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        ritz_values, ritz_vectors = np.linalg.eigh(tri)
-        theta = float(ritz_values[-1])
-        residual = beta * abs(ritz_vectors[-1, -1])
-        if len(basis) == n or residual <= rtol * abs(theta) or beta == 0:
-            return theta
-        betas.append(beta)
-        basis.append(w / beta)
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        return np.asarray(op.matmul(jnp.asarray(v[:, None], op.dtype))[:, 0])
+
+    return float(ritz_values(matvec, op.shape[0], rtol=rtol)[-1])
 
 
 def max_learning_rate(
