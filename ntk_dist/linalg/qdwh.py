@@ -2,19 +2,24 @@
 
 For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013):
 
-1. pick a split point ``σ`` in a wide, balanced gap of the spectrum of a sampled
-   principal block (Cauchy interlacing bounds the split), then other candidates; but
-   first, if a few sampled eigenvalues at one end lie far from the rest, their invariant
+1. if a few eigenvalues at one end of the spectrum of a sampled principal block (or of
+   the block's exact spectrum, once known) lie far from the rest, their invariant
    subspace comes from subspace iteration (a few passes over ``A``) and the split from
    one block reflector (step 3), with no QDWH at all;
-2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / α``, ``α``
-   about ``|A - σI|_2`` from the ends of the spectrum (Lanczos, 20 passes over ``A``),
-   with dynamic weights from a lower bound ``l0`` of its singular values: first an
-   estimate from the sampled gap if it is at least ``1e-4`` (fewer steps, stopping when
-   ``l_k`` reaches 1 and ``|X|_F^2 = n``; if the split then fails its check, the safe
-   try follows), then ``l0`` a hundredth of the eigenvalue spacing near ``σ`` that the
-   sample suggests (at most ``1e-5``); either runs on until a step changes ``X`` by at
-   most ``(5 eps)^(1/3)`` (a smaller singular value only takes more steps). While ``c``
+2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / α``. With
+   host tile kernels, the block's exact eigenvalues (:mod:`ntk_dist.linalg.band`, 4/3 N^3
+   flops; the children's are slices of them) give the cheapest split point
+   (:func:`_exact_tries`: both sides leaves if possible, in the widest such gap), the
+   exact ``α = |A - σI|_2`` and the exact lower bound ``l0`` of the singular values of
+   ``X0``. On devices (where QDWH's flops are cheap next to a host band reduction) the
+   split points come from the sample's gaps (Cauchy interlacing bounds the split), ``α``
+   from the ends of the spectrum (Lanczos, 20 passes over ``A``) and ``l0`` is an
+   estimate from the sampled gap if it is at least ``1e-4``, then a hundredth of the
+   eigenvalue spacing near ``σ`` that the sample suggests (at most ``1e-5``). An exact
+   or estimated ``l0`` first runs the fast QDWH (stopping when ``l_k`` reaches 1 and
+   ``|X|_F^2 = n``; if the split then fails its check, the safe try follows); the safe
+   one runs on until a step changes ``X`` by at most ``(5 eps)^(1/3)`` (a smaller
+   singular value only takes more steps). While ``c``
    exceeds a cutoff the QR-based step, its QR done by CholeskyQR2 of ``[sqrt(c) X; I]``
    (stable for ``cond <= eps^-1/2``), then the Cholesky-based step
    ``X <- (b/c) X + (a - b/c) X Z^{-1}`` with ``Z = I + c X^T X`` (half the flops; X stays
@@ -62,6 +67,7 @@ import numpy as np
 import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
+from ntk_dist.linalg.band import band_eigenvalues, compact_wy, panel_reflector
 from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
 
@@ -425,31 +431,6 @@ def _split_points(a: tl.Tiled, mu: np.ndarray) -> list[tuple[float, float]]:
     return points[:_SPLIT_TRIES]
 
 
-def _compact_wy(v: np.ndarray, tau: np.ndarray) -> np.ndarray:
-    """``T`` with ``H_1 H_2 ... H_s = I - V T V^T`` for reflectors ``H_i = I - tau_i v_i v_i^T``
-    (the columns of ``V``): upper triangular, as LAPACK's larft forms it."""
-    s = v.shape[1]
-    gram = v.T @ v
-    t = np.zeros((s, s), v.dtype)
-    for i in range(s):
-        t[i, i] = tau[i]
-        t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
-    return t
-
-
-def _block_reflector(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``V``, ``T`` of the Householder QR of the ``n x s`` matrix ``y`` in compact WY form.
-
-    ``Q = I - V T V^T`` (``V`` unit lower trapezoidal) is orthogonal and its first ``s``
-    columns span ``range(y)``.
-    """
-    h, tau = np.linalg.qr(y, mode="raw")  # LAPACK's geqrf output, transposed
-    s = y.shape[1]
-    v = np.tril(h.T, -1)
-    v[np.arange(s), np.arange(s)] = 1
-    return v, _compact_wy(v, tau)
-
-
 def _reflector_split(
     ctx: _Context, name: str, a: tl.Tiled, basis: np.ndarray, small_above: bool
 ) -> dict | None:
@@ -466,7 +447,7 @@ def _reflector_split(
     """
     n, s = basis.shape
     m = n - s
-    v, t = _block_reflector(basis[::-1])
+    v, t, _ = panel_reflector(basis[::-1])
     v = np.ascontiguousarray(v[::-1])
     vt = ctx.temp(n, s)
     vt.write_region(slice(None), slice(None), v @ t)
@@ -605,48 +586,150 @@ def _bases_split(
     return info
 
 
+@dataclass(frozen=True)
+class _SplitTry:
+    """A split point ``σ`` and how QDWH starts from it: the distance from ``σ`` to the
+    spectrum (0: unknown), whether it is ``exact`` (else an estimate), whether to run the
+    ``fast`` QDWH on it (see :func:`polar_factor`'s ``estimated``), and the spectrum's
+    ends (exact, or Ritz values, which lie inside it)."""
+
+    sigma: float
+    distance: float
+    exact: bool
+    fast: bool
+    low: float
+    high: float
+
+
+def _estimated_tries(a: tl.Tiled, mu: np.ndarray, depth: int) -> list[_SplitTry]:
+    """Split points from the sample ``mu`` (:func:`_split_points`): each estimate, then
+    the safe try; the ends of the spectrum from 20 Lanczos steps."""
+    theta = ritz_values(
+        lambda v: _shifted_product(a, v[:, None], 0.0)[:, 0], a.rows, _LANCZOS_STEPS, seed=depth + 1
+    )
+    return [
+        _SplitTry(sigma, d, False, d > 0, theta[0], theta[-1])
+        for sigma, distance in _split_points(a, mu)
+        for d in ((distance, 0.0) if distance > 0 else (0.0,))
+    ]
+
+
+def _qdwh_units(bound: np.ndarray) -> np.ndarray:
+    """Cost of the fast QDWH from lower bounds ``bound``, in Cholesky-based steps (a
+    QR-based one, while ``c > 1e5``, counts two): the scalar recurrence on a grid."""
+    grid = np.logspace(-16, 0, 65)
+    units = np.zeros(len(grid))
+    for g, lo in enumerate(grid):
+        while lo < 1 - 1e-15:
+            _, _, c, lo = _coefficients(lo)
+            units[g] += 2 if c > _QR_CUTOFF_ESTIMATED else 1
+    at = np.searchsorted(grid, np.clip(bound, grid[0], 1.0), side="right") - 1
+    return units[np.clip(at, 0, len(grid) - 1)]
+
+
+def _exact_tries(w: np.ndarray, leaf: int, thin: int, flat: float) -> list[_SplitTry]:
+    """Split points in the gaps of the exact spectrum ``w`` (ascending), cheapest first
+    (each with the fast QDWH, then the safe one on the same bound).
+
+    The cost of splitting after ``j`` eigenvalues, in Cholesky-based QDWH steps on this
+    block: the steps from QDWH's lower bound (half the gap less the eigenvalues' error,
+    over ``|A - σI|_2``), the split (half a step for a reflector when a side has at most
+    ``thin`` eigenvalues, three for bases of both) and, for each side that is neither a
+    leaf of at most ``leaf`` nor flat (eigenvalues within ``flat``: a multiple of I),
+    eight steps scaled by its size cubed (its own split). Ties go to the wider gap, then
+    to balance. Splits inside a cluster fail the coupling check (measured: the middle of
+    50 eigenvalues within 1e-5 of 1.0 beside others at 0.5 and 3.0, and of an NTK's 52
+    eigenvalues in [4e-6, 7e-6] below 96, at every bound), so gaps below ``1e-6 |σ|`` are
+    not used while others exist, and the tie-break prefers a cluster's edge.
+    """
+    n = len(w)
+    error = n * float(np.finfo(w.dtype).eps) * float(np.max(np.abs(w)))
+    sigma = (w[:-1] + w[1:]) / 2
+    gap = np.diff(w)
+    bound = (gap / 2 - error) / np.maximum(w[-1] - sigma, sigma - w[0])
+    below = np.arange(1, n)  # eigenvalues below each split point
+    cost = _qdwh_units(bound) + np.where(np.minimum(below, n - below) <= thin, 0.5, 3.0)
+    for size, spread in ((below, w[below - 1] - w[0]), (n - below, w[-1] - w[below])):
+        cost += np.where((size <= leaf) | (spread <= flat), 0.0, 8.0 * (size / n) ** 3)
+    usable = bound > 0
+    # ties (the step counts are coarse) go to the wider gap, then to the balanced split
+    cost += -0.01 * np.log10(np.where(usable, bound, 1.0)) + 0.1 * np.abs(2 * below / n - 1)
+    wide = usable & (gap >= 1e-6 * np.abs(sigma))
+    cost = np.where(wide if wide.any() else usable, cost, np.inf)
+    best = [i for i in np.argsort(cost, kind="stable")[: _SPLIT_TRIES // 2] if cost[i] < np.inf]
+    return [
+        _SplitTry(float(sigma[i]), float(gap[i]) / 2 - error, True, fast, w[0], w[-1])
+        for i in best
+        for fast in (True, False)
+    ]
+
+
+def _known_spectrum(ctx: _Context, name: str) -> np.ndarray | None:
+    path = os.path.join(ctx.folder, name + ".spectrum.npy")
+    return np.load(path) if os.path.exists(path) else None
+
+
+def _save_spectrum(ctx: _Context, name: str, w: np.ndarray) -> None:
+    path = os.path.join(ctx.folder, name + ".spectrum.npy")
+    with open(path + ".part", "wb") as f:
+        np.save(f, w)
+    os.replace(path + ".part", path)
+
+
+def _accept(ctx: _Context, name: str, info: dict, spectrum: np.ndarray | None) -> dict:
+    """Record the split ``info`` of block ``name``; its children's spectra first, if known."""
+    if spectrum is not None:
+        cut = len(spectrum) - info["k"]
+        _save_spectrum(ctx, name + "0", spectrum[:cut])
+        _save_spectrum(ctx, name + "1", spectrum[cut:])
+    ctx.record(f"split_{name}", info)
+    return info
+
+
 def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
     """Find and store an accepted split of block ``name``: its method and both sub-blocks.
 
     First a few outlying eigenvalues by subspace iteration (:func:`_subspace_basis`) and
-    a block reflector. Else QDWH's polar factor at each split point: the block-reflector
-    split when the smaller side fits :meth:`_Context.reflector_columns`, else (or if it
-    fails its check) bases of both sides.
+    a block reflector. Else QDWH's polar factor at each split point, from the exact
+    spectrum (:func:`~ntk_dist.linalg.band.band_eigenvalues`, passed on to the children)
+    when the tile kernels run on the host, else from the sample's estimates (on a device
+    QDWH's flops cost less than the host's band reduction): the block-reflector split
+    when the smaller side fits :meth:`_Context.reflector_columns`, else (or if it fails
+    its check) bases of both sides.
     """
     n = a.rows
-    mu = _sample_spectrum(a, ctx.memory_bound)
+    exact = _known_spectrum(ctx, name)
+    mu = exact if exact is not None else _sample_spectrum(a, ctx.memory_bound)
     found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
-        info["basis"] = "subspace iteration"
-        ctx.record(f"split_{name}", info)
-        return info
-    tries = [
-        (sigma, d)
-        for sigma, distance in _split_points(a, mu)
-        for d in ((distance, 0.0) if distance > 0 else (0.0,))  # the estimate, then the safe try
-    ]
-    theta = ritz_values(  # inside the spectrum, close to its ends
-        lambda v: _shifted_product(a, v[:, None], 0.0)[:, 0], n, _LANCZOS_STEPS, seed=depth + 1
+        return _accept(ctx, name, {**info, "basis": "subspace iteration"}, exact)
+    if exact is None and ctx.device is None:
+        exact = band_eigenvalues(a, ctx.matrix(name + ".band", n, n))
+        _save_spectrum(ctx, name, exact)
+    tries = (
+        []
+        if exact is None
+        else _exact_tries(exact, ctx.leaf_size(), ctx.reflector_columns(n), ctx.tol * ctx.scale)
     )
-    low, high = theta[0], theta[-1]
-    for attempt, (sigma, distance) in enumerate(tries):
+    tries = tries or _estimated_tries(a, mu, depth)  # no gap: as without the spectrum
+    for attempt, split in enumerate(tries):
         x0 = ctx.temp(n, n)
-        frobenius = math.sqrt(ctx.combine(a, x0, 1.0, -sigma))
-        # |A - σI|_2 from the Ritz values (inside the spectrum: a margin); the Frobenius
-        # norm bounds it. An underestimate costs a step or two, never accuracy.
-        scale = min(frobenius, 1.1 * max(high - sigma, sigma - low, 0.0))
-        scale = max(scale or frobenius, float(np.finfo(ctx.dtype).tiny))
-        if 0 < distance / scale < _MIN_ESTIMATED_BOUND:  # saves a step at most: the safe try
+        frobenius = math.sqrt(ctx.combine(a, x0, 1.0, -split.sigma))
+        # |A - σI|_2 from the ends of the spectrum (Ritz values lie inside it: a margin);
+        # the Frobenius norm bounds it. An underestimate costs a step or two, not accuracy.
+        margin = 1 + 1e-8 if split.exact else 1.1
+        reach = max(split.high - split.sigma, split.sigma - split.low, 0.0)
+        scale = max(min(frobenius, margin * reach) or frobenius, float(np.finfo(ctx.dtype).tiny))
+        bound = split.distance / scale
+        if not split.exact and 0 < bound < _MIN_ESTIMATED_BOUND:  # saves a step at most
             ctx.release(x0)
             continue
-        if distance > 0:  # smallest singular value of X0 about distance / scale
-            bound, estimated = distance / scale, True
-        else:  # a hundredth of A's eigenvalue spacing near σ, as the sample suggests
-            spacing = _spacing_near(mu, sigma) * len(mu) / n
-            bound, estimated = min(_ASSUMED_BOUND, spacing / 100 / scale), False
+        if split.distance == 0:  # a hundredth of A's eigenvalue spacing near σ (the sample's)
+            spacing = _spacing_near(mu, split.sigma) * len(mu) / n
+            bound = min(_ASSUMED_BOUND, spacing / 100 / scale)
         try:
-            u, trace, _ = polar_factor(ctx, x0, scale, bound, estimated)
+            u, trace, _ = polar_factor(ctx, x0, scale, bound, split.fast)
         except (SplitFailedError, NotPositiveDefiniteError):
             continue
         k = round((trace + n) / 2)
@@ -658,11 +741,9 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
             info = _bases_split(ctx, name, a, u, k, seed)
         ctx.release(u)
         if info is not None:
-            info["basis"] = "polar factor"
-            ctx.record(f"split_{name}", info)
-            return info
+            return _accept(ctx, name, {**info, "basis": "polar factor"}, exact)
     raise SplitFailedError(
-        f"no accurate spectral split of a {n} x {n} block after {_SPLIT_TRIES} split points; "
+        f"no accurate spectral split of a {n} x {n} block after {len(tries)} tries; "
         "raise memory_bound so that it fits the in-core eigh"
     )
 
@@ -727,7 +808,7 @@ def host_eigh(read: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         j1 = min(n - 1, j0 + _REFLECTOR_BLOCK)
         v = np.tril(block[j0 + 1 :, j0:j1], -1)
         v[np.arange(j1 - j0), np.arange(j1 - j0)] = 1
-        reflectors.append((j0, v, _compact_wy(v, tau[j0:j1])))
+        reflectors.append((j0, v, compact_wy(v, tau[j0:j1])))
     del block
     w, z = scipy.linalg.eigh_tridiagonal(d, e, check_finite=False, lapack_driver="stemr")
     zt = z.T  # LAPACK's Fortran order: Q Z as (Z^T Q^T), row-major gemms (~4x faster)
@@ -760,7 +841,7 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
             sizes.append(size)
         values.append(info["values"])
         used += [child["name"] + ".q", child["name"] + ".a"]
-    used += values + [name + ".v.npy", name + ".t.npy"]
+    used += values + [name + ".v.npy", name + ".t.npy", name + ".spectrum.npy"]
     info = {"parts": parts, "sizes": sizes, "values": name + ".w.npy"}
     return {**info, "_values": values, "_used": used}  # _used: deleted once this is recorded
 
