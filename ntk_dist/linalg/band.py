@@ -7,6 +7,7 @@ trailing matrix becomes ``Q^T A Q = A - W2 V^T - V W2^T`` with ``W = A V T`` and
 update them (``4/3 N^3`` flops in all, with two ``n x b`` arrays and a tile in memory).
 The band matrix (``(b + 1) x N`` numbers) then goes to LAPACK (``eig_banded``), whose
 eigenvalues are those of ``A`` to rounding (orthogonal similarity, backward stable).
+``KernelOperator.eigvalsh`` of a stored kernel too large for memory uses it.
 
 The spectral divide and conquer of :mod:`ntk_dist.linalg.qdwh` uses them to split each
 block where the spectrum has its widest gap near the middle, with QDWH's exact lower
@@ -102,15 +103,20 @@ def _reduce_panel(work: tl.Tiled, ab: np.ndarray, c0: int, c1: int) -> None:
             work.write_tiles([(i, j)], [a])
 
 
-def band_eigenvalues(matrix: tl.Tiled, work: tl.Tiled, bandwidth: int = BANDWIDTH) -> np.ndarray:
-    """Eigenvalues (ascending) of the symmetric tiled ``matrix`` (its lower tiles and the
-    diagonal tiles are read), reduced to band form in ``work`` (a file copy, deleted)."""
+def band_eigenvalues(
+    matrix: tl.Tiled, work: tl.Tiled | None = None, bandwidth: int = BANDWIDTH
+) -> np.ndarray:
+    """Eigenvalues (ascending) of the symmetric tiled ``matrix`` (only its lower and
+    diagonal tiles are read), reduced to band form in place, or in ``work`` (a file copy,
+    deleted at the end) if given."""
     n = matrix.rows
-    shutil.copyfile(matrix.path, work.path)
+    if work is not None:
+        shutil.copyfile(matrix.path, work.path)
     try:
         ab = np.zeros((bandwidth + 1, n), matrix.dtype)
         for c0 in range(0, n, bandwidth):  # equal widths: each R lies in the next panel
-            _reduce_panel(work, ab, c0, min(n, c0 + bandwidth))
+            _reduce_panel(work or matrix, ab, c0, min(n, c0 + bandwidth))
     finally:
-        work.release()
+        if work is not None:
+            work.release()
     return scipy.linalg.eig_banded(ab, lower=True, eigvals_only=True, check_finite=False)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -28,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_dist.linalg import qdwh
+from ntk_dist.linalg.band import band_eigenvalues
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
-from ntk_dist.linalg.tiled import TileRunner
+from ntk_dist.linalg.tiled import Tiled, TileRunner
 from ntk_dist.store import KernelStore
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "fits_in_core",
     "fits_on_host",
     "is_complete",
+    "out_of_core_eigenvalues",
     "out_of_core_eigh",
     "write_eigh",
 ]
@@ -90,6 +94,30 @@ def out_of_core_eigh(
         scratch_dir=scratch_dir,
         runner=runner,
     )
+
+
+def out_of_core_eigenvalues(
+    read: Callable[[slice, slice], np.ndarray],
+    n: int,
+    dtype: np.dtype,
+    tile: int,
+    scratch_dir: str | None = None,
+) -> np.ndarray:
+    """Eigenvalues (ascending) of the symmetric ``n x n`` matrix ``read(rows, cols)`` out
+    of core, in ``4/3 N^3`` flops: its lower tiles, symmetrised, are copied to a file in
+    the folder ``scratch_dir`` (default a new temporary folder; removed at the end) and
+    reduced to band form there (:func:`~ntk_dist.linalg.band.band_eigenvalues`)."""
+    folder = scratch_dir or tempfile.mkdtemp(prefix="ntk_dist_eigvalsh_")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        a = Tiled(os.path.join(folder, "a"), n, n, tile, np.dtype(dtype).name).create()
+        spans = [slice(s, min(n, s + tile)) for s in range(0, n, tile)]
+        for i, rs in enumerate(spans):
+            for cs in spans[: i + 1]:
+                a.write_region(rs, cs, (read(rs, cs) + read(cs, rs).T) / 2)
+        return band_eigenvalues(a)
+    finally:
+        shutil.rmtree(folder)
 
 
 def default_scratch_dir(store: KernelStore, name: str) -> str | None:

@@ -167,8 +167,8 @@ class KernelOperator(abc.ABC):
 
     Rows are the flattened first-argument axes (``row_shape``), columns the second
     (``col_shape``). Subclasses implement ``matmul``, ``diagonal``, ``to_dense``,
-    ``all_finite``, ``add_to_diagonal`` and the two factorisations. This base class
-    caches each factorisation; ``factorizations`` counts those computed and ``reused``
+    ``all_finite``, ``add_to_diagonal``, the two factorisations and the eigenvalues alone.
+    This base class caches each; ``factorizations`` counts those computed and ``reused``
     those read back from storage. ``checked_on_read`` is True for operators that reject
     NaN/Inf in every block they read, so no separate pass over the kernel is needed.
     """
@@ -182,6 +182,7 @@ class KernelOperator(abc.ABC):
         self.factorizations: collections.Counter[str] = collections.Counter()
         self.reused: collections.Counter[str] = collections.Counter()
         self._eigh: Eigendecomposition | None = None
+        self._eigenvalues: jax.Array | None = None
         self._cholesky: CholeskyFactor | None = None
 
     @property
@@ -213,6 +214,10 @@ class KernelOperator(abc.ABC):
         """Compute (counting in ``factorizations``) or load (counting in ``reused``) eigh."""
 
     @abc.abstractmethod
+    def _eigenvalues_only(self) -> jax.Array:
+        """Compute (counting ``factorizations["eigvalsh"]``) or load the eigenvalues."""
+
+    @abc.abstractmethod
     def _cholesky_factor(self) -> CholeskyFactor:
         """Compute or load the Cholesky factor; NotPositiveDefiniteError names the pivot."""
 
@@ -234,6 +239,16 @@ class KernelOperator(abc.ABC):
             self.require_square("eigh")
             self._eigh = self._eigendecomposition()
         return self._eigh
+
+    def eigvalsh(self) -> jax.Array:
+        """Eigenvalues (ascending) without eigenvectors: those of the eigh if it is
+        cached, else obtained once and cached (far cheaper than the eigh out of core)."""
+        if self._eigh is not None:
+            return self._eigh.values
+        if self._eigenvalues is None:
+            self.require_square("eigvalsh")
+            self._eigenvalues = self._eigenvalues_only()
+        return self._eigenvalues
 
     def cholesky(self) -> CholeskyFactor:
         """Lower Cholesky factor, obtained once and cached."""
@@ -307,6 +322,10 @@ class DenseKernelOperator(KernelOperator):
     def _eigendecomposition(self) -> Eigendecomposition:
         self.factorizations["eigh"] += 1
         return DenseEigendecomposition(*jnp.linalg.eigh(self._on_one_device()))
+
+    def _eigenvalues_only(self) -> jax.Array:
+        self.factorizations["eigvalsh"] += 1
+        return jnp.linalg.eigvalsh(self._on_one_device())
 
     def _cholesky_factor(self) -> CholeskyFactor:
         self.factorizations["cholesky"] += 1

@@ -235,6 +235,29 @@ class StoredKernelOperator(KernelOperator):
         stored = chol.StoredCholeskyFactor(factor, n, tile)
         return DenseCholeskyFactor(stored.to_dense()) if self._fits(2) else stored
 
+    def _eigenvalues_only(self) -> jax.Array:
+        """From a stored eigh or spectrum if there is one; else in core when the eigh
+        would be, else out of core (band reduction), then stored beside the kernel."""
+        n = self.shape[0]
+        names = [self.factor_name(what) for what in ("eigenvalues", "eigenvectors", "spectrum")]
+        values, vectors, spectrum = (FactorStore.open(self.store, name) for name in names)
+        if values is not None and vectors is not None and eig.is_complete(values, vectors):
+            self.reused["eigvalsh"] += 1
+            return jnp.asarray(values.read((slice(None),)))
+        if spectrum is not None and "values" in spectrum.done():
+            self.reused["eigvalsh"] += 1
+            return jnp.asarray(spectrum.read((slice(None),)))
+        self.factorizations["eigvalsh"] += 1
+        if eig.fits_in_core(n, self.dtype.itemsize, self.memory_bound):
+            w = np.asarray(jnp.linalg.eigvalsh(self.to_dense()))
+        else:
+            tile = chol.cholesky_tile_size(n, self.dtype.itemsize, self.memory_bound)
+            folder = eig.default_scratch_dir(self.store, names[2])
+            w = eig.out_of_core_eigenvalues(self.read, n, self.dtype, tile, folder)
+        spectrum = FactorStore.create(self.store, names[2], (n,), (n,), self.dtype, {})
+        spectrum.write("values", (slice(None),), w)
+        return jnp.asarray(w)
+
     def _eigendecomposition(self) -> Eigendecomposition:
         n = self.shape[0]
         names = self.factor_name("eigenvalues"), self.factor_name("eigenvectors")
