@@ -7,7 +7,8 @@ The loss is ``0.5 / y_train.size * ||f - y_train||^2`` and time is in units of
 - ``fx_train(t) = fx_train_0 + (exp(-K t lr / n) - I) r``
 - ``fx_test(t) = fx_test_0 + K_test_train K^{-1} (exp(-K t lr / n) - I) r``
 
-both evaluated in the eigenbasis of ``K``; ``t = None`` is the ``t -> inf`` limit,
+both evaluated in the eigenbasis of ``K`` (or, with ``method="krylov"``, of the Ritz
+pairs of a block Krylov space of ``r``); ``t = None`` is the ``t -> inf`` limit,
 evaluated with a Cholesky solve.
 """
 
@@ -18,8 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ntk_dist.linalg.operator import KernelOperator
+from ntk_dist.linalg.lanczos import krylov_eigendecomposition
+from ntk_dist.linalg.operator import Eigendecomposition, KernelOperator
 from ntk_dist.predict.kernel_matrix import (
     OutputLayout,
     as_kernel_operator,
@@ -105,6 +108,25 @@ def train_kernel_operator(
     return op
 
 
+def _krylov_flow(op: KernelOperator, r: jax.Array, tau: jax.Array) -> Eigendecomposition:
+    """Ritz pairs of ``K`` on the block Krylov space of ``r``, grown until both flow
+    factors applied to ``r`` have converged at every time ``tau`` (1e-12 relative); the
+    basis may take the operator's memory bound, if it has one."""
+    n = op.shape[0]
+    bound = getattr(op, "memory_bound", None)
+    max_dim = n if bound is None else max(1, min(n, bound // (n * 8)))
+
+    def matmul(x: np.ndarray) -> np.ndarray:
+        return np.asarray(op.matmul(jnp.asarray(x, op.dtype)))
+
+    return krylov_eigendecomposition(
+        matmul,
+        np.asarray(r),
+        lambda theta: list(flow_factors(jnp.asarray(theta), tau)),
+        max_dim=max_dim,
+    )
+
+
 def gradient_descent_mse(
     k_train_train: ArrayLike | KernelOperator,
     y_train: ArrayLike,
@@ -112,6 +134,7 @@ def gradient_descent_mse(
     diag_reg: float = 0.0,
     diag_reg_absolute_scale: bool = False,
     trace_axes: int | Sequence[int] = (-1,),
+    method: str = "eigh",
 ) -> Callable[..., Any]:
     """Predict outputs of a linearised network trained by gradient flow on the MSE loss.
 
@@ -124,7 +147,17 @@ def gradient_descent_mse(
     ``None`` (infinite time), a scalar or an array, whose shape is prepended to the outputs.
     ``predict_fn.kernel_operator`` is the regularised train operator, whose eigh and Cholesky
     factorisations are computed at most once and reused across calls.
+
+    ``method`` (new) decides how finite times are evaluated: ``"eigh"`` (the
+    eigendecomposition of ``K``, once, stored beside a stored kernel and reused by later
+    calls and runs) or ``"krylov"`` (no factorisation: each call grows a block Krylov
+    space of ``fx_train_0 - y_train`` until its predictions at the requested times agree
+    to 1e-12, one ``K`` product per step: for a few predictions from a kernel whose
+    eigh costs too much; a long time on a kernel with many small eigenvalues takes many
+    steps).
     """
+    if method not in ("eigh", "krylov"):
+        raise ValueError(f"method must be 'eigh' or 'krylov'; got {method!r}")
     y_train = jnp.asarray(y_train)
     layout = OutputLayout.create(trace_axes, y_train.ndim)
     check_learning_rate(learning_rate)
@@ -160,7 +193,7 @@ def gradient_descent_mse(
         else:
             tau = jnp.asarray(t, dtype) * (learning_rate / n)
             r = -y_mat if fx_train_0 is None else layout.to_matrix(fx_train_0) - y_mat
-            eigen = op.eigh()
+            eigen = op.eigh() if method == "eigh" else _krylov_flow(op, r, tau)
             expm1, expm1_over_lam = flow_factors(eigen.values, tau)
             if fx_train_0 is not None:
                 dfx = eigen.apply(expm1, r)
