@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ntk_dist.linalg import tiled as tl
-from ntk_dist.linalg.band import band_eigenvalues
+from ntk_dist.linalg.band import BANDWIDTH, band_eigenvalues, bandwidth_for
 from ntk_dist.linalg.qdwh import HOST_LEAF_COPIES, divide_and_conquer_eigh
 
 
@@ -81,3 +81,10 @@ def test_gapless_spectra_take_one_split_into_two_leaves(tmp_path, spectrum):
     assert np.linalg.norm(a @ v - v * w) / norm <= 1e-10
     assert np.linalg.norm(v.T @ v - np.eye(n)) <= 1e-10
     np.testing.assert_allclose(w, np.linalg.eigvalsh(a), rtol=0, atol=1e-12 * norm)
+
+
+def test_bandwidth_shrinks_to_fit_the_memory_bound():
+    tiles = 3 * 64 * 64 * 8
+    assert bandwidth_for(1000, 64, 8, 1 << 30) == BANDWIDTH
+    assert bandwidth_for(1000, 64, 8, tiles + 7 * 1000 * 8 * 10) == 10
+    assert bandwidth_for(1000, 64, 8, tiles) == 1  # the least: a tridiagonal reduction

@@ -23,9 +23,17 @@ import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
 
-__all__ = ["BANDWIDTH", "band_eigenvalues", "compact_wy", "panel_reflector"]
+__all__ = ["BANDWIDTH", "band_eigenvalues", "bandwidth_for", "compact_wy", "panel_reflector"]
 
 BANDWIDTH = 64  # wide enough for gemms, narrow enough for LAPACK's band eigensolver
+PANEL_COPIES = 7  # n x b arrays a panel holds: V, V T, W, then [W2 V] and [V W2]
+TILE_COPIES = 3  # a tile, its product's temporary, the diagonal block
+
+
+def bandwidth_for(n: int, tile: int, itemsize: int, memory_bound: int) -> int:
+    """``BANDWIDTH``, or less so that a panel's arrays and tiles fit ``memory_bound``."""
+    room = memory_bound - TILE_COPIES * tile * tile * itemsize
+    return max(1, min(BANDWIDTH, room // (PANEL_COPIES * n * itemsize)))
 
 
 def compact_wy(v: np.ndarray, tau: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_dist.linalg import qdwh
-from ntk_dist.linalg.band import band_eigenvalues
+from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
 from ntk_dist.linalg.tiled import Tiled, TileRunner
@@ -101,6 +101,7 @@ def out_of_core_eigenvalues(
     n: int,
     dtype: np.dtype,
     tile: int,
+    memory_bound: int,
     scratch_dir: str | None = None,
 ) -> np.ndarray:
     """Eigenvalues (ascending) of the symmetric ``n x n`` matrix ``read(rows, cols)`` out
@@ -115,7 +116,8 @@ def out_of_core_eigenvalues(
         for i, rs in enumerate(spans):
             for cs in spans[: i + 1]:
                 a.write_region(rs, cs, (read(rs, cs) + read(cs, rs).T) / 2)
-        return band_eigenvalues(a)
+        width = bandwidth_for(n, tile, np.dtype(dtype).itemsize, memory_bound)
+        return band_eigenvalues(a, None, width)
     finally:
         shutil.rmtree(folder)
 

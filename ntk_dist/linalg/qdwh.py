@@ -67,7 +67,7 @@ import numpy as np
 import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
-from ntk_dist.linalg.band import band_eigenvalues, compact_wy, panel_reflector
+from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for, compact_wy, panel_reflector
 from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
 
@@ -705,7 +705,8 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     if info is not None:
         return _accept(ctx, name, {**info, "basis": "subspace iteration"}, exact)
     if exact is None and ctx.device is None:
-        exact = band_eigenvalues(a, ctx.matrix(name + ".band", n, n))
+        width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
+        exact = band_eigenvalues(a, ctx.matrix(name + ".band", n, n), width)
         _save_spectrum(ctx, name, exact)
     tries = (
         []

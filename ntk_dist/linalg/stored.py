@@ -253,7 +253,9 @@ class StoredKernelOperator(KernelOperator):
         else:
             tile = chol.cholesky_tile_size(n, self.dtype.itemsize, self.memory_bound)
             folder = eig.default_scratch_dir(self.store, names[2])
-            w = eig.out_of_core_eigenvalues(self.read, n, self.dtype, tile, folder)
+            w = eig.out_of_core_eigenvalues(
+                self.read, n, self.dtype, tile, self.memory_bound, folder
+            )
         spectrum = FactorStore.create(self.store, names[2], (n,), (n,), self.dtype, {})
         spectrum.write("values", (slice(None),), w)
         return jnp.asarray(w)
