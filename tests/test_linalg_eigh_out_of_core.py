@@ -19,7 +19,7 @@ from linalg_helpers import (
     to_2d,
 )
 
-from ntk_dist.linalg import StoredKernelOperator
+from ntk_dist.linalg import StoredKernelOperator, qdwh
 from ntk_dist.linalg.eigh import IN_CORE_COPIES, StoredEigendecomposition
 from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
 from ntk_dist.predict import gradient_descent_mse
@@ -146,6 +146,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from linalg_helpers import ntk_train, to_2d
+from ntk_dist.linalg import qdwh
 from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
 assert len(jax.local_devices()) == 4
 a = to_2d(ntk_train(50, seed=3))
@@ -167,3 +168,28 @@ def test_out_of_core_eigh_with_jax_tile_kernels_on_four_cpu_devices():
     )
     residual, orthogonality, values = map(float, out.stdout.split())
     assert residual <= 1e-10 and orthogonality <= 1e-10 and values <= 1e-12
+
+
+def test_when_every_split_from_the_exact_spectrum_fails_the_sampled_ones_follow(monkeypatch):
+    # Splitting inside a cluster of width 1e-9 fails the coupling check; forced to try
+    # only there at the top, the eigh must go on with the sample's split points.
+    values = np.repeat([0.5, 1.0, 3.0], [50, 50, 40]) + 1e-9 * np.random.default_rng(1).random(140)
+    a = clustered(140, values, seed=2)
+    inside = float(np.sort(values)[75] + np.sort(values)[74]) / 2
+    real_tries, real_polar = qdwh._exact_tries, qdwh.polar_factor
+    polar_shifts = []
+
+    def in_the_cluster(w, *args):
+        if len(w) != 140:  # the children: as usual
+            return real_tries(w, *args)
+        return [qdwh._SplitTry(inside, 1e-12, True, fast, w[0], w[-1]) for fast in (True, False)]
+
+    def polar(ctx, x, scale, bound, estimated=False):
+        polar_shifts.append(bound)
+        return real_polar(ctx, x, scale, bound, estimated)
+
+    monkeypatch.setattr(qdwh, "_exact_tries", in_the_cluster)
+    monkeypatch.setattr(qdwh, "polar_factor", polar)
+    w, v = divide_and_conquer_eigh(lambda r, c: a[r, c], 140, np.float64, 30, in_core_up_to(40))
+    check(a, w, v)
+    assert len(polar_shifts) >= 3  # both forced tries, then at least one of the sample's

@@ -58,7 +58,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import jax
@@ -708,13 +708,15 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
         exact = band_eigenvalues(a, ctx.matrix(name + ".band", n, n), width)
         _save_spectrum(ctx, name, exact)
-    tries = (
-        []
-        if exact is None
-        else _exact_tries(exact, ctx.leaf_size(), ctx.reflector_columns(n), ctx.tol * ctx.scale)
-    )
-    tries = tries or _estimated_tries(a, mu, depth)  # no gap: as without the spectrum
-    for attempt, split in enumerate(tries):
+
+    def tries() -> Iterator[_SplitTry]:  # the sample's only if the exact ones all fail
+        if exact is not None:
+            leaf, thin, flat = ctx.leaf_size(), ctx.reflector_columns(n), ctx.tol * ctx.scale
+            yield from _exact_tries(exact, leaf, thin, flat)
+        yield from _estimated_tries(a, mu, depth)
+
+    attempt = -1
+    for attempt, split in enumerate(tries()):
         x0 = ctx.temp(n, n)
         frobenius = math.sqrt(ctx.combine(a, x0, 1.0, -split.sigma))
         # |A - σI|_2 from the ends of the spectrum (Ritz values lie inside it: a margin);
@@ -744,7 +746,7 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
         if info is not None:
             return _accept(ctx, name, {**info, "basis": "polar factor"}, exact)
     raise SplitFailedError(
-        f"no accurate spectral split of a {n} x {n} block after {len(tries)} tries; "
+        f"no accurate spectral split of a {n} x {n} block after {attempt + 1} tries; "
         "raise memory_bound so that it fits the in-core eigh"
     )
 
