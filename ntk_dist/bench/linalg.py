@@ -12,7 +12,12 @@ For each N a float64 SPD kernel is written to a store in a temporary folder, the
   two whose spectra have no gap (see ``_store``);
 - **one more prediction once the eigenbasis is stored**: a new ``gradient_descent_mse``
   on the store and one call at a new t (the stored eigenbasis is reused, not
-  recomputed), in seconds and as a fraction of the eigh time.
+  recomputed), in seconds and as a fraction of the eigh time;
+- on the power-law kernel, out of core: **the eigenvalues alone ÷
+  numpy.linalg.eigvalsh** (``eigvalsh()``, reduction to band form), and **one
+  prediction with method="krylov" ÷ the out-of-core eigh** (no factorisation; a
+  random ``y_train`` of 10 columns, ``t = 100`` at the learning rate of
+  ``max_learning_rate``).
 
 Each measurement and its baseline run in turns, ``--repeats`` times (medians), so that
 a change in the machine's load hits both alike. ``--devices D`` runs the bench in a
@@ -40,7 +45,7 @@ import numpy as np
 from ntk_dist.bench import format_ratio_table, medians_in_turns, ratio_row
 from ntk_dist.linalg import StoredKernelOperator
 from ntk_dist.linalg.cholesky import TILE_BACKENDS, choose_tile_backend
-from ntk_dist.predict import gradient_descent_mse
+from ntk_dist.predict import gradient_descent_mse, max_learning_rate
 from ntk_dist.store import KernelStore
 from ntk_dist.tiling import TilePlan
 
@@ -169,6 +174,45 @@ def bench_eigh(path: Path, n: int, repeats: int) -> list[dict]:
             "<= 3",
         )
         for name in SPECTRA
+    ]
+    power_law, dense_power_law = gapless["power law"], dense_gapless["power law"]
+
+    def stored_eigvalsh() -> object:
+        shutil.rmtree(Path(power_law.path) / _FACTORS, ignore_errors=True)
+        return StoredKernelOperator(power_law, memory_bound=out_of_core).eigvalsh()
+
+    y_classes = np.random.default_rng(1).standard_normal((n, 10))
+    rate = max_learning_rate(dense_power_law, y_classes.size)
+
+    def krylov_prediction() -> object:
+        op = StoredKernelOperator(power_law, memory_bound=out_of_core)
+        return gradient_descent_mse(op, y_classes, rate, method="krylov")(100.0, 0.0)
+
+    t.update(
+        medians_in_turns(
+            {
+                "eigvalsh": stored_eigvalsh,
+                "lapack eigvalsh": lambda: np.linalg.eigvalsh(dense_power_law),
+                "krylov": krylov_prediction,
+            },
+            repeats,
+        )
+    )
+    rows += [
+        ratio_row(
+            "stored eigvalsh ÷ numpy.linalg.eigvalsh",
+            f"{setup}, power law spectrum, out of core (band reduction), {bound}",
+            t["eigvalsh"],
+            t["lapack eigvalsh"],
+            "-",
+        ),
+        ratio_row(
+            "one prediction with method='krylov' ÷ the out-of-core eigh",
+            f"{setup}, power law spectrum, {bound}, 10 outputs, 100 steps of max_learning_rate",
+            t["krylov"],
+            t["out_of_core power law"],
+            "≪ 1",
+        ),
     ]
     y = np.ones((n, 1))
     gradient_descent_mse(store, y)(1.0, 0.0)  # the eigenbasis is stored (and jit compiled)
