@@ -82,3 +82,15 @@ def test_ritz_values_find_the_ends_of_the_spectrum():
 def test_bad_method_is_refused():
     with pytest.raises(ValueError, match="method must be 'eigh' or 'krylov'"):
         gradient_descent_mse(np.eye(3), np.ones((3, 1)), method="lanczos")
+
+
+def test_a_krylov_space_that_outgrows_the_memory_bound_is_refused(tmp_path):
+    params = mlp_params(hidden=16, seed=2)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (N_TRAIN, 3)))
+    k = ntk(x, x, params, False)
+    n = 2 * N_TRAIN
+    op = StoredKernelOperator(store_kernel(tmp_path / "k", k, 16), memory_bound=10 * n * 8)
+    y = np.asarray(jax.random.normal(jax.random.PRNGKey(8), (N_TRAIN, 2)))
+    predict = gradient_descent_mse(op, y, diag_reg=DIAG_REG, trace_axes=(), method="krylov")
+    with pytest.raises(ValueError, match=r"limit of 1[0-2] columns .* raise the memory bound"):
+        predict(1e6, 0.0)

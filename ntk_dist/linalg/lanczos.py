@@ -141,7 +141,8 @@ def krylov_eigendecomposition(
     Every ``check_every`` steps each ``Q Y f(θ) Y^T Q^T start`` is compared with the
     previous check's; the space stops growing once every one changed by at most ``rtol``
     of its norm, twice in a row, or once it is invariant (then exact). ``max_dim`` (the
-    basis's columns; default ``n``) bounds memory: ValueError if reached unconverged.
+    basis's columns, exceeded by one block at most; default ``n``) bounds memory:
+    ValueError if reached unconverged.
     """
     n = start.shape[0]
     space = KrylovSpace(matmul, start)
@@ -149,7 +150,8 @@ def krylov_eigendecomposition(
     calm = 0
     while True:
         for _ in range(check_every):
-            space.extend()
+            if space.dim < (max_dim or n):
+                space.extend()
         theta, y, _ = space.ritz()
         eigen = KrylovEigendecomposition(space.basis[:, : len(theta)], theta, y)
         now = [np.asarray(eigen.apply(jnp.asarray(f), start)) for f in functions(theta)]
@@ -163,7 +165,8 @@ def krylov_eigendecomposition(
             return eigen
         if space.dim >= (max_dim or n):
             raise ValueError(
-                f"the Krylov space reached {space.dim} columns (max_dim) before f(K) start "
-                f"converged to rtol={rtol}; use the eigendecomposition (method='eigh') instead"
+                f"the Krylov space reached its limit of {space.dim} columns (max_dim, from the "
+                f"memory bound) before its predictions converged to rtol={rtol}; raise the "
+                "memory bound, ask for shorter times, or use method='eigh'"
             )
         previous = now
