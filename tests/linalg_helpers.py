@@ -109,3 +109,22 @@ def write_low_rank_kernel(path, g_rows, g_cols, shift, block=512):
             k[np.diag_indices(len(k))] += shift
         store.write_tile(t, k)
     return store
+
+
+def count_calls(monkeypatch, module, name, calls):
+    """Wrap ``module.name`` so that ``calls[name]`` counts its calls (the real one runs)."""
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def stored_case(path, name, n_ntk, n_ill, block):
+    """A real NTK (``"ntk"``, of ``n_ntk`` examples) or an ill-conditioned SPD matrix of
+    order ``n_ill`` (``"ill"``, condition 1e10), stored in blocks of ``block``; returns
+    its 2-D matrix and the store."""
+    k = ntk_train(n_ntk) if name == "ntk" else ill_conditioned(n_ill, cond=1e10)
+    return to_2d(k), store_kernel(path, k, block=block)

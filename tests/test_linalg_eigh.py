@@ -2,32 +2,25 @@
 
 import numpy as np
 import pytest
-from linalg_helpers import ill_conditioned, ntk_train, rel, store_kernel, to_2d
+from linalg_helpers import (
+    count_calls,
+    ill_conditioned,
+    rel,
+    store_kernel,
+    stored_case,
+)
 
 from ntk_dist.linalg import StoredKernelOperator, qdwh
 from ntk_dist.linalg.eigh import StoredEigendecomposition
 from ntk_dist.store import KernelStore
 
 
-def count_calls(monkeypatch, module, name, calls):
-    """Wrap ``module.name`` so that ``calls[name]`` counts its calls (the real one runs)."""
-    real = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
-
-
 @pytest.mark.parametrize("path", ["jax", "host"])
 @pytest.mark.parametrize("name", ["ntk", "ill"])
 def test_stored_eigh_matches_lapack_and_is_reused(tmp_path, monkeypatch, name, path):
     # "jax": four copies fit (jnp.linalg.eigh); "host": two do (qdwh.host_eigh, 1.5 copies)
-    k = ntk_train(45) if name == "ntk" else ill_conditioned(83, cond=1e10)
-    a = to_2d(k)
+    a, store = stored_case(tmp_path / "k", name, 45, 83, 8)
     n = len(a)
-    store = store_kernel(tmp_path / "k", k, block=8)
     calls = {"host_eigh": 0, "divide_and_conquer_eigh": 0}
     for name_ in calls:
         count_calls(monkeypatch, qdwh, name_, calls)

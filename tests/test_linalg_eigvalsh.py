@@ -3,21 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from linalg_helpers import ill_conditioned, ntk_train, store_kernel, to_2d
+from linalg_helpers import count_calls, ntk_train, store_kernel, stored_case, to_2d
 
 from ntk_dist.linalg import DenseKernelOperator, StoredKernelOperator
 from ntk_dist.linalg import eigh as eig
 from ntk_dist.store import KernelStore
-
-
-def count_calls(monkeypatch, module, name, calls):
-    real = getattr(module, name)
-
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
 
 
 def test_in_memory_eigvalsh_matches_lapack_and_is_cached():
@@ -34,10 +24,8 @@ def test_in_memory_eigvalsh_matches_lapack_and_is_cached():
 @pytest.mark.parametrize("where", ["in core", "out of core"])
 @pytest.mark.parametrize("name", ["ntk", "ill"])
 def test_stored_eigvalsh_matches_lapack_and_is_stored(tmp_path, monkeypatch, where, name):
-    k = ntk_train(150) if name == "ntk" else ill_conditioned(230, cond=1e10)
-    a = to_2d(k)
+    a, store = stored_case(tmp_path / "k", name, 150, 230, 64)  # ragged blocks and tiles
     n = len(a)
-    store = store_kernel(tmp_path / "k", k, block=64)  # ragged blocks and scratch tiles
     calls = {"band_eigenvalues": 0}
     count_calls(monkeypatch, eig, "band_eigenvalues", calls)
     bound = 4 * n * n * 8 if where == "in core" else n * n * 8 // 2
