@@ -7,7 +7,8 @@ import pytest
 
 from ntk_dist.linalg import tiled as tl
 from ntk_dist.linalg.band import BANDWIDTH, band_eigenvalues, bandwidth_for
-from ntk_dist.linalg.qdwh import HOST_LEAF_COPIES, divide_and_conquer_eigh
+from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
+from ntk_dist.linalg.tridiagonal import HOST_LEAF_COPIES
 
 
 def with_spectrum(n, values, seed=0):

@@ -10,7 +10,7 @@ from linalg_helpers import (
     stored_case,
 )
 
-from ntk_dist.linalg import StoredKernelOperator, qdwh
+from ntk_dist.linalg import StoredKernelOperator, qdwh, tridiagonal
 from ntk_dist.linalg.eigh import StoredEigendecomposition
 from ntk_dist.store import KernelStore
 
@@ -18,12 +18,12 @@ from ntk_dist.store import KernelStore
 @pytest.mark.parametrize("path", ["jax", "host"])
 @pytest.mark.parametrize("name", ["ntk", "ill"])
 def test_stored_eigh_matches_lapack_and_is_reused(tmp_path, monkeypatch, name, path):
-    # "jax": four copies fit (jnp.linalg.eigh); "host": two do (qdwh.host_eigh, 1.5 copies)
+    # "jax": four copies fit (jnp.linalg.eigh); "host": two do (host_eigh, 1.5 copies)
     a, store = stored_case(tmp_path / "k", name, 45, 83, 8)
     n = len(a)
     calls = {"host_eigh": 0, "divide_and_conquer_eigh": 0}
-    for name_ in calls:
-        count_calls(monkeypatch, qdwh, name_, calls)
+    count_calls(monkeypatch, tridiagonal, "host_eigh", calls)
+    count_calls(monkeypatch, qdwh, "divide_and_conquer_eigh", calls)
     op = StoredKernelOperator(store, memory_bound=(4 if path == "jax" else 2) * n * n * 8)
     eig = op.eigh()
     assert calls == {"host_eigh": int(path == "host"), "divide_and_conquer_eigh": 0}

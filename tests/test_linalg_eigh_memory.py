@@ -1,5 +1,5 @@
 """Eigh of an N = 2048 float64 store (32 MiB) out of core under a 16 MiB memory bound,
-and in core on the host under 48 MiB (1.5 copies: :func:`ntk_dist.linalg.qdwh.host_eigh`);
+and in core on the host under 48 MiB (1.5 copies: :func:`ntk_dist.linalg.tridiagonal.host_eigh`);
 its eigenvalues alone out of core under 16 MiB.
 
 The peak memory is measured in a subprocess, for two kernels whose eigenvalues are

@@ -10,8 +10,9 @@ import numpy as np
 from linalg_helpers import ntk_train, to_2d
 from ray_cluster import alive_nodes, two_node_cluster
 
-from ntk_dist.linalg.qdwh import HOST_LEAF_COPIES, divide_and_conquer_eigh
+from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
 from ntk_dist.linalg.tiled import LocalRunner, RayRunner
+from ntk_dist.linalg.tridiagonal import HOST_LEAF_COPIES
 
 N, TILE, LEAF = 100, 30, 60  # blocks above 60 x 60 are split (the first split halves N)
 BOUND = int(HOST_LEAF_COPIES * LEAF * LEAF * 8)

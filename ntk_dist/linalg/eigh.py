@@ -2,7 +2,7 @@
 
 In core: the kernel is assembled in memory and decomposed by LAPACK through JAX
 (``jnp.linalg.eigh``) when ``IN_CORE_COPIES`` copies fit the memory bound, else on CPU
-devices by :func:`~ntk_dist.linalg.qdwh.host_eigh` when ``HOST_LEAF_COPIES`` (1.5) do
+devices by :func:`~ntk_dist.linalg.tridiagonal.host_eigh` when ``HOST_LEAF_COPIES`` (1.5) do
 (LAPACK's tridiagonal reduction in place: 4.58 s against numpy's 4.53 s at N = 4096
 here); the eigenvalues (``values``, shape ``(N,)``) and eigenvectors (``vectors``,
 ``N x N`` in ``b x b`` chunks, one ledger entry per block row) are written to Zarr beside
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_dist.linalg import qdwh
+from ntk_dist.linalg import qdwh, tridiagonal
 from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
@@ -57,8 +57,8 @@ def fits_in_core(n: int, itemsize: int, memory_bound: int) -> bool:
 
 
 def fits_on_host(n: int, itemsize: int, memory_bound: int) -> bool:
-    """Whether :func:`~ntk_dist.linalg.qdwh.host_eigh` of an ``n x n`` matrix fits it."""
-    return qdwh.HOST_LEAF_COPIES * n * n * itemsize <= memory_bound
+    """Whether :func:`~ntk_dist.linalg.tridiagonal.host_eigh` of an ``n x n`` matrix fits it."""
+    return tridiagonal.HOST_LEAF_COPIES * n * n * itemsize <= memory_bound
 
 
 def out_of_core_eigh(

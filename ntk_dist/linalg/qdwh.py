@@ -40,9 +40,10 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    construction), else the next ``σ``: degenerate or clustered spectra cannot produce
    a wrong result, only another try;
 5. recurse on ``Q_i^T A Q_i`` until a block fits in core (on the host 1.5 copies of it:
-   :func:`host_eigh`; ``jnp.linalg.eigh`` on a device) or is a multiple of
-   ``I``; a block's eigenvectors are kept as column parts ``Q_i V_part`` (one per leaf),
-   so nothing is ever written at an unaligned column offset.
+   :func:`~ntk_dist.linalg.tridiagonal.host_eigh`; ``jnp.linalg.eigh`` on a device) or
+   is a multiple of ``I``; a block's eigenvectors are kept as column parts
+   ``Q_i V_part`` (one per leaf), so nothing is ever written at an unaligned column
+   offset.
 
 Every matrix is a :class:`~ntk_dist.linalg.tiled.Tiled` in a scratch folder; the
 products and solves run as tile-row jobs through a runner (this process, or Ray
@@ -64,25 +65,21 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
-from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for, compact_wy, panel_reflector
+from ntk_dist.linalg import tridiagonal
+from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for, panel_reflector
 from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
 
 __all__ = [
-    "HOST_LEAF_COPIES",
     "SplitFailedError",
     "divide_and_conquer_eigh",
-    "host_eigh",
     "polar_factor",
     "scratch_bytes",
 ]
 
 IN_CORE_COPIES = 4  # as in ntk_dist.linalg.eigh: K, a symmetrised copy, V, workspace
-HOST_LEAF_COPIES = 1.5  # a host leaf: the block (then half of it, its reflectors) and V
-_REFLECTOR_BLOCK = 64  # reflectors of a host leaf's tridiagonal reduction applied at once
 REFLECTOR_COPIES = 8  # n x s arrays a reflector split holds: V, W2, [V W2], [W2 V], rows
 _SUBSPACE_OVERSAMPLING = 16  # extra columns of a subspace iteration (fewer if the bound is tight)
 _SUBSPACE_MAX_RATE = 0.1  # estimated convergence per pass above which QDWH is used
@@ -241,7 +238,7 @@ class _Context:
     def leaf_size(self) -> int:
         """The largest block decomposed in core (``HOST_LEAF_COPIES`` or, on a device,
         ``IN_CORE_COPIES`` copies of it fit the bound)."""
-        copies = HOST_LEAF_COPIES if self.device is None else IN_CORE_COPIES
+        copies = tridiagonal.HOST_LEAF_COPIES if self.device is None else IN_CORE_COPIES
         return math.isqrt(int(self.memory_bound // (copies * self.dtype.itemsize)))
 
     def cholesky(self, z: tl.Tiled, shift: float = 0.0) -> tl.Factor:
@@ -760,7 +757,7 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     values_file = name + ".w.npy"
     if n <= ctx.leaf_size():
         if ctx.device is None:
-            w, v = host_eigh(lambda: a.read_region(slice(None), slice(None)))
+            w, v = tridiagonal.host_eigh(lambda: a.read_region(slice(None), slice(None)))
         else:
             dense = jax.device_put(a.read_region(slice(None), slice(None)), ctx.device)
             w, v = map(np.asarray, jnp.linalg.eigh(dense))
@@ -782,44 +779,6 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
     for f in used:  # the children's files, now that this block's parts replace them
         ctx.release(ctx.matrix(f, 0, 0))
     return info
-
-
-def host_eigh(read: Callable[[], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of the symmetric matrix ``read()`` (a new
-    array, symmetrised in place) in ``HOST_LEAF_COPIES`` copies of its memory (LAPACK's
-    dsyevr takes two, ``jnp.linalg.eigh`` four).
-
-    LAPACK's tridiagonal reduction (sytrd) in place; its reflectors are copied out in
-    blocks of ``_REFLECTOR_BLOCK`` (compact WY, half the matrix) before the matrix is
-    freed; MRRR (stemr) gives all eigenvectors of the tridiagonal matrix at once (so
-    they are orthogonal in clusters too), and the reflector blocks are applied to them.
-    """
-    block = read()
-    n = block.shape[0]
-    for r in range(0, n, _REFLECTOR_BLOCK * 8):  # (A + A^T) / 2 in place, a strip at a time
-        rows = slice(r, r + _REFLECTOR_BLOCK * 8)
-        block[rows, r:] = (block[rows, r:] + block[r:, rows].T) / 2
-        block[r:, rows] = block[rows, r:].T
-    block = block.T  # Fortran order: LAPACK works in place
-    sytrd, sytrd_lwork = scipy.linalg.get_lapack_funcs(("sytrd", "sytrd_lwork"), (block,))
-    lwork, _ = sytrd_lwork(n, lower=1)
-    block, d, e, tau, info = sytrd(block, lower=1, lwork=max(int(lwork), 1), overwrite_a=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"LAPACK sytrd failed on a {n} x {n} block (info={info})")
-    reflectors = []  # Q = H_0 H_1 ... H_{n-2}; H_j acts on rows j+1.. (LAPACK's lower storage)
-    for j0 in range(0, n - 1, _REFLECTOR_BLOCK):
-        j1 = min(n - 1, j0 + _REFLECTOR_BLOCK)
-        v = np.tril(block[j0 + 1 :, j0:j1], -1)
-        v[np.arange(j1 - j0), np.arange(j1 - j0)] = 1
-        reflectors.append((j0, v, compact_wy(v, tau[j0:j1])))
-    del block
-    w, z = scipy.linalg.eigh_tridiagonal(d, e, check_finite=False, lapack_driver="stemr")
-    zt = z.T  # LAPACK's Fortran order: Q Z as (Z^T Q^T), row-major gemms (~4x faster)
-    for j0, v, t in reversed(reflectors):
-        for r in range(0, n, _REFLECTOR_BLOCK * 2):  # temporaries of a few rows
-            part = zt[r : r + _REFLECTOR_BLOCK * 2, j0 + 1 :]
-            part -= ((part @ v) @ t.T) @ v.T
-    return w, z
 
 
 def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ntk_dist.linalg import cholesky as chol
 from ntk_dist.linalg import eigh as eig
-from ntk_dist.linalg import qdwh
+from ntk_dist.linalg import tridiagonal
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import (
     CholeskyFactor,
@@ -284,7 +284,7 @@ class StoredKernelOperator(KernelOperator):
         if eig.fits_in_core(n, self.dtype.itemsize, self.memory_bound):
             in_core = jnp.linalg.eigh(self.to_dense())
         elif on_host and eig.fits_on_host(n, self.dtype.itemsize, self.memory_bound):
-            in_core = qdwh.host_eigh(self.to_dense)
+            in_core = tridiagonal.host_eigh(self.to_dense)
         if in_core is not None:
             w, v = in_core
             eig.write_eigh(values, vectors, np.asarray(w), np.asarray(v))
