@@ -8,7 +8,7 @@ import scipy.linalg
 from linalg_helpers import mlp, mlp_params, ntk, rel, store_kernel, to_2d
 
 from ntk_dist.linalg import DenseKernelOperator, StoredKernelOperator
-from ntk_dist.linalg.lanczos import ritz_values
+from ntk_dist.linalg.lanczos import krylov_eigendecomposition, ritz_values
 from ntk_dist.predict import gradient_descent_mse
 
 N_TRAIN, N_TEST, DIAG_REG, LR = 60, 11, 1e-3, 0.7
@@ -94,3 +94,18 @@ def test_a_krylov_space_that_outgrows_the_memory_bound_is_refused(tmp_path):
     predict = gradient_descent_mse(op, y, diag_reg=DIAG_REG, trace_axes=(), method="krylov")
     with pytest.raises(ValueError, match=r"limit of 1[0-2] columns .* raise the memory bound"):
         predict(1e6, 0.0)
+
+
+def test_a_krylov_space_bounded_by_the_whole_space_ends_exact():
+    # n = 10 rows, blocks of 3: the space reaches R^10 (3 + 3 + 3 + 1) and is then exact,
+    # however slowly a long time converges.
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((10, 10))
+    k = g @ g.T + 1e-3 * np.eye(10)
+    start = rng.standard_normal((10, 3))
+    eigen = krylov_eigendecomposition(
+        lambda x: k @ x, start, lambda theta: [np.exp(-1e4 * theta)], max_dim=10
+    )
+    want = scipy.linalg.expm(-1e4 * k) @ start
+    got = np.asarray(eigen.apply(np.exp(-1e4 * np.asarray(eigen.values)), start))
+    assert np.abs(got - want).max() <= 1e-12 * np.abs(start).max()

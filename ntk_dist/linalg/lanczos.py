@@ -150,7 +150,7 @@ def krylov_eigendecomposition(
     calm = 0
     while True:
         for _ in range(check_every):
-            if space.dim < (max_dim or n):
+            if space.dim < (max_dim or n) or space.dim == n:  # R^n: the last step adds none
                 space.extend()
         theta, y, _ = space.ritz()
         eigen = KrylovEigendecomposition(space.basis[:, : len(theta)], theta, y)
