@@ -109,3 +109,18 @@ def test_a_krylov_space_bounded_by_the_whole_space_ends_exact():
     want = scipy.linalg.expm(-1e4 * k) @ start
     got = np.asarray(eigen.apply(np.exp(-1e4 * np.asarray(eigen.values)), start))
     assert np.abs(got - want).max() <= 1e-12 * np.abs(start).max()
+
+
+def test_krylov_accuracy_does_not_depend_on_the_size_of_the_start():
+    # The start's norm is not K's: a residual of 1e12 must not hide K's small directions.
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    k = (q * np.logspace(-6, 0, 40)) @ q.T
+    for size in (1e-12, 1.0, 1e12):
+        start = size * rng.standard_normal((40, 2))
+        eigen = krylov_eigendecomposition(
+            lambda x: k @ x, start, lambda theta: [np.exp(-1e3 * theta)], max_dim=40
+        )
+        got = np.asarray(eigen.apply(np.exp(-1e3 * np.asarray(eigen.values)), start))
+        want = scipy.linalg.expm(-1e3 * k) @ start
+        assert rel(got, want) <= 1e-10, size

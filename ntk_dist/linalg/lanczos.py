@@ -30,7 +30,8 @@ class KrylovSpace:
     projection onto the basis to ``T = Q^T K Q`` and orthogonalises the rest against the
     basis twice; the directions left (singular values above ``eps`` times the largest
     seen) form the next block. ``invariant`` once none is left (or the basis spans
-    ``R^n``): ``T``'s eigenvalues are then eigenvalues of ``K``.
+    ``R^n``): ``T``'s eigenvalues are then eigenvalues of ``K``. A zero start is
+    invariant at once.
     """
 
     def __init__(self, matmul: Matmul, start: np.ndarray):
@@ -38,8 +39,8 @@ class KrylovSpace:
         self.n = start.shape[0]
         self.eps = float(np.finfo(np.float64).eps)
         u, s, _ = np.linalg.svd(np.asarray(start, np.float64), full_matrices=False)
-        self.scale = float(s[0]) if s.size else 0.0
-        self.basis = u[:, s > self.eps * max(self.scale, np.finfo(np.float64).tiny)]
+        self.basis = u[:, s > self.eps * (s[0] if s.size else 0.0)]
+        self.scale = 0.0  # |K| as seen so far (the start's size is another unit)
         self.block = self.basis.shape[1]  # columns of the newest block, not yet multiplied
         self.t = np.zeros((0, 0))
         self.residual = np.zeros((0, 0))  # R with K Q - Q T = W (W^T W = R^T R), last block
@@ -66,7 +67,7 @@ class KrylovSpace:
         t[old:, old:] = (h[old:] + h[old:].T) / 2
         self.t = t
         u, s, vt = np.linalg.svd(w, full_matrices=False)
-        self.scale = max(self.scale, float(np.abs(h).max(initial=0.0)))
+        self.scale = max(self.scale, float(np.abs(h).max(initial=0.0)), float(s.max(initial=0.0)))
         self.residual = s[:, None] * vt
         keep = s > self.eps * self.scale * np.sqrt(self.n)
         keep[max(0, self.n - self.dim) :] = False  # never more than n directions
