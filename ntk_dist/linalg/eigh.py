@@ -33,7 +33,7 @@ from ntk_dist.linalg import qdwh, tridiagonal
 from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
-from ntk_dist.linalg.tiled import Tiled, TileRunner
+from ntk_dist.linalg.tiled import Tiled, TileRunner, write_symmetrised
 from ntk_dist.store import KernelStore
 
 __all__ = [
@@ -105,17 +105,14 @@ def out_of_core_eigenvalues(
     scratch_dir: str | None = None,
 ) -> np.ndarray:
     """Eigenvalues (ascending) of the symmetric ``n x n`` matrix ``read(rows, cols)`` out
-    of core, in ``4/3 N^3`` flops: its lower tiles, symmetrised, are copied to a file in
+    of core, in ``4/3 N^3`` flops: it is copied, symmetrised, to a file in
     the folder ``scratch_dir`` (default a new temporary folder; removed at the end) and
     reduced to band form there (:func:`~ntk_dist.linalg.band.band_eigenvalues`)."""
     folder = scratch_dir or tempfile.mkdtemp(prefix="ntk_dist_eigvalsh_")
     os.makedirs(folder, exist_ok=True)
     try:
         a = Tiled(os.path.join(folder, "a"), n, n, tile, np.dtype(dtype).name).create()
-        spans = [slice(s, min(n, s + tile)) for s in range(0, n, tile)]
-        for i, rs in enumerate(spans):
-            for cs in spans[: i + 1]:
-                a.write_region(rs, cs, (read(rs, cs) + read(cs, rs).T) / 2)
+        write_symmetrised(read, a)
         width = bandwidth_for(n, tile, np.dtype(dtype).itemsize, memory_bound)
         return band_eigenvalues(a, None, width)
     finally:

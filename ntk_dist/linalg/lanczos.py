@@ -121,7 +121,7 @@ class KrylovEigendecomposition(Eigendecomposition):
 
     def apply(self, weights: jax.Array, rhs: jax.Array) -> jax.Array:
         z = self._y.T @ (self.basis.T @ np.asarray(rhs, np.float64))  # (M, C)
-        out = np.matmul(self.basis @ self._y, np.asarray(weights)[..., :, None] * z)
+        out = np.matmul(self.basis, np.matmul(self._y, np.asarray(weights)[..., :, None] * z))
         return jnp.asarray(out, jnp.asarray(rhs).dtype)
 
     def vectors_dense(self) -> np.ndarray:

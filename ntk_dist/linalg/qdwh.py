@@ -851,17 +851,7 @@ def _input(
     done = ctx.done("input")
     if done is not None:
         return a, done
-    a.create()
-    b = ctx.tile
-    spans = [slice(s, min(n, s + b)) for s in range(0, n, b)]
-    sums = {"sumsq": 0.0, "trace": 0.0}
-    for i, rs in enumerate(spans):
-        for j, cs in enumerate(spans[: i + 1]):
-            t = (np.asarray(read(rs, cs), ctx.dtype) + np.asarray(read(cs, rs), ctx.dtype).T) / 2
-            a.write_region(rs, cs, t)
-            a.write_region(cs, rs, t.T)
-            sums["sumsq"] += (1 if i == j else 2) * float(np.sum(t * t))
-            sums["trace"] += float(np.trace(t)) if i == j else 0.0
+    sums = tl.write_symmetrised(read, a.create())
     ctx.record("input", sums)
     return a, sums
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -201,6 +201,22 @@ class Tiled:
         g = min(self.grid)
         tiles = self.read_tiles([(i, i) for i in range(g)])
         return np.concatenate([np.diagonal(t) for t in tiles])[: min(self.rows, self.cols)]
+
+
+def write_symmetrised(read: Callable[[slice, slice], np.ndarray], a: Tiled) -> Reductions:
+    """Write ``(A + A^T) / 2`` of the square matrix ``read(rows, cols)`` into ``a``, one pair
+    of tiles at a time; returns its ``sumsq`` and ``trace``."""
+    n, b = a.rows, a.tile
+    spans = [slice(s, min(n, s + b)) for s in range(0, n, b)]
+    sums = {"sumsq": 0.0, "trace": 0.0}
+    for i, rs in enumerate(spans):
+        for j, cs in enumerate(spans[: i + 1]):
+            t = (np.asarray(read(rs, cs), a.dtype) + np.asarray(read(cs, rs), a.dtype).T) / 2
+            a.write_region(rs, cs, t)
+            a.write_region(cs, rs, t.T)
+            sums["sumsq"] += (1 if i == j else 2) * float(np.sum(t * t))
+            sums["trace"] += float(np.trace(t)) if i == j else 0.0
+    return sums
 
 
 def _identity_part(t: np.ndarray, i: int, j: int, rows: int, cols: int) -> np.ndarray:
