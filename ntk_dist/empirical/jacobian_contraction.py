@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ntk_dist.empirical.axes import KernelAxes
 from ntk_dist.empirical.batching import per_example_fn, split_batched_kwargs
 from ntk_dist.empirical.problem import KernelProblem
+from ntk_dist.precision import HIGHEST
 
 
 def contract(a: jax.Array, b: jax.Array, axes: KernelAxes) -> jax.Array:
@@ -49,7 +50,8 @@ def batched_gemm(
         sizes = [math.prod(x.shape[i] for i in group) for group in groups]
         return jnp.transpose(x, (*batch, *free, *contracting)).reshape(sizes)
 
-    product = jax.lax.dot_general(as_3d(a, free_a), as_3d(b, free_b), (((2,), (2,)), ((0,), (0,))))
+    dims = (((2,), (2,)), ((0,), (0,)))
+    product = jax.lax.dot_general(as_3d(a, free_a), as_3d(b, free_b), dims, precision=HIGHEST)
     shape = (
         [a.shape[i] for i in batch] + [a.shape[i] for i in free_a] + [b.shape[i] for i in free_b]
     )

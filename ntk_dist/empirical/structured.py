@@ -38,6 +38,7 @@ from ntk_dist.empirical.batching import VmapAxes, per_example_fn, split_batched_
 from ntk_dist.empirical.features import contract_features_fn, ntk_features
 from ntk_dist.empirical.jacobian_contraction import batched_gemm, contract, jacobian_fn
 from ntk_dist.empirical.problem import KernelProblem, make_problem
+from ntk_dist.precision import HIGHEST
 
 # Call primitives whose sub-jaxprs are evaluated inline, so that parameters reach the
 # equations inside them; the parameter holding the sub-jaxpr.
@@ -93,7 +94,7 @@ class _Site:
                 lhs_dilation=p["lhs_dilation"],
                 rhs_dilation=p["rhs_dilation"],
                 dimension_numbers=p["dimension_numbers"],
-                precision=jax.lax.Precision.HIGHEST,  # patches must be exact copies
+                precision=HIGHEST,  # patches must be exact copies
                 preferred_element_type=p["preferred_element_type"],
             )
         return jnp.transpose(x, self.x_perm).reshape(self.positions, self.contracted)
@@ -110,7 +111,7 @@ class _Site:
 
         Needed only when the other block took the Jacobian route for this leaf.
         """
-        j = jnp.einsum("nsc,n...sf->n...cf", x, g)
+        j = jnp.einsum("nsc,n...sf->n...cf", x, g, precision=HIGHEST)
         lead = j.shape[:-2]
         j = j.reshape((*lead, *(self.w_shape[d] for d in self.w_perm)))
         inverse = np.argsort(self.w_perm)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from ntk_dist import precision
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import CholeskyFactor, NotPositiveDefiniteError, failing_pivot
 from ntk_dist.progress import ProgressReporter
@@ -193,12 +194,12 @@ class _HostPanels:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _gemm_update(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    return acc - a @ b.T
+    return acc - precision.matmul(a, b.T)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _syrk_update(acc: jax.Array, a: jax.Array) -> jax.Array:
-    return acc - a @ a.T
+    return acc - precision.matmul(a, a.T)
 
 
 @jax.jit

@@ -28,6 +28,8 @@ import scipy.linalg
 from jax.scipy.linalg import cho_solve
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from ntk_dist import precision
+
 Shape = tuple[int, ...]
 
 
@@ -156,7 +158,8 @@ class DenseEigendecomposition(Eigendecomposition):
         self.values, self.vectors = values, vectors
 
     def apply(self, weights: jax.Array, rhs: jax.Array) -> jax.Array:
-        return jnp.matmul(self.vectors, weights[..., :, None] * (self.vectors.T @ rhs))
+        coefficients = precision.matmul(self.vectors.T, rhs)
+        return precision.matmul(self.vectors, weights[..., :, None] * coefficients)
 
     def vectors_dense(self) -> np.ndarray:
         return np.asarray(self.vectors)
@@ -336,7 +339,7 @@ class DenseKernelOperator(KernelOperator):
         return DenseCholeskyFactor(lower)
 
 
-_matmul = jax.jit(jnp.matmul)
+_matmul = jax.jit(precision.matmul)
 
 
 @functools.lru_cache(maxsize=16)
@@ -346,7 +349,7 @@ def _sharded_matmul(sharding: NamedSharding) -> Callable[[jax.Array, jax.Array],
     Only the ``(rows, C)`` product is gathered (replicated over the mesh, so that the
     predictors' reshapes work on Explicit meshes too); the kernel never moves.
     """
-    return jax.jit(jnp.matmul, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
+    return jax.jit(precision.matmul, out_shardings=NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 @jax.jit

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from ntk_dist import precision
 from ntk_dist.linalg import cholesky as chol
 
 __all__ = [
@@ -266,10 +267,10 @@ class HostKernels:
 
 @jax.jit
 def _tile_sum(left: jax.Array, right: jax.Array) -> jax.Array:
-    return jnp.einsum("kij,kjl->il", left, right)
+    return jnp.einsum("kij,kjl->il", left, right, precision=precision.HIGHEST)
 
 
-_matmul = jax.jit(jnp.matmul)
+_matmul = jax.jit(precision.matmul)
 
 
 class DeviceKernels:
