@@ -76,6 +76,7 @@ def test_gapless_spectra_take_one_split_into_two_leaves(tmp_path, spectrum):
         bound,
         scratch_dir=str(scratch),
         progress=seen,
+        two_stage_blocks=False,  # QDWH's split (two-stage blocks: tests/test_linalg_two_stage.py)
     )
     assert len(splits) == 1 and max(splits[0]) <= leaf, splits
     norm = np.linalg.norm(a, 2)

@@ -6,8 +6,12 @@ The peak memory is measured in a subprocess, for two kernels whose eigenvalues a
 known without LAPACK's eigh: ``K = I + G G^T / 64`` with ``G`` of shape ``(2048, 64)``,
 written tile by tile (eigenvalues 1, 2048 - 64 times, and ``1 + s^2 / 64`` for the
 singular values ``s`` of ``G``: split off by subspace iteration), and ``Q diag(λ) Q^T``
-with ``λ`` spread evenly over [1, 10] and a random orthogonal ``Q`` (split in the
-middle by QDWH and bases of both sides).
+with ``λ`` spread evenly over [1, 10] and a random orthogonal ``Q`` (no gap: two-stage
+tridiagonalisation, :mod:`ntk_dist.linalg.two_stage`).
+
+XLA compiles the two-stage path's bulge chase once per process and matrix size; its
+compiler memory (~100-250 MB the first time, not proportional to the bound) is not the
+eigh's working memory, so the warm-up compiles it before the measurement.
 """
 
 import json
@@ -31,7 +35,10 @@ EIGH_RUN = """
 import json, sys
 import jax
 jax.config.update("jax_enable_x64", True)
-from ntk_dist.linalg import StoredKernelOperator
+import numpy as np
+from ntk_dist.linalg import StoredKernelOperator, chase
+from ntk_dist.linalg.band import bandwidth_for
+from ntk_dist.linalg.cholesky import cholesky_tile_size
 from ntk_dist.store import KernelStore
 
 def status(field):
@@ -40,6 +47,11 @@ def status(field):
 
 small = StoredKernelOperator(KernelStore.open(sys.argv[2]), memory_bound=4 * 48 * 48 * 8)
 small.eigh()  # warm-up: imports and the out-of-core path once, on a 64 x 64 kernel
+# and XLA's compilation of the bulge chase for this size (compiler memory, not the eigh's)
+bound, n = int(sys.argv[3]), 2048
+width = bandwidth_for(n, cholesky_tile_size(n, 8, bound), 8, bound)
+for _ in chase.tridiagonalize(np.zeros((width + 1, n)))[2]:
+    pass
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
 before = status("VmRSS")
@@ -67,20 +79,22 @@ def measure(tmp_path, bound, what):
     "spectrum, bound", [("outliers", BOUND), ("spread", BOUND), ("spread", HOST_BOUND)]
 )
 def test_n2048_eigh_stays_under_the_bound(tmp_path, spectrum, bound):
-    """Peak RSS growth <= bound + 12 MiB stated overhead (measured in all: 16.0-17.0 MiB
-    for the outliers, 24.6-26.3 MiB for the spread spectrum out of core; 52.3-53.3 MiB
+    """Peak RSS growth <= bound + 12 MiB stated overhead (measured in all: 15.6-17.0 MiB
+    for the outliers, 21.8-21.9 MiB for the spread spectrum out of core; 52.3-53.3 MiB
     in core on the host, whose eigenvector back-transformation holds V, half the block in
     reflectors and temporaries of 128 rows).
 
     Within the bound: a product job holds a row panel of one operand and a column
-    panel of the other (a quarter of the bound each), a solve job the row panel it
-    solves and a panel of the factor, a leaf 1.5 copies of its block; each of these
-    phases peaks at 12-16 MiB. Above it: what stays allocated between the phases
-    (tensorstore's buffers of the kernel reads and eigenvector writes, the eigenvalues,
-    Python and JAX objects: about 6 MiB) and, on the QDWH path, the work buffers of
-    scipy's own OpenBLAS, first touched by the tiled Cholesky (about 5 MiB more; no
-    Python object is alive, per tracemalloc). ``MALLOC_MMAP_THRESHOLD_`` makes freed
-    panels go back to the system instead of staying in glibc's heap.
+    panel of the other (a quarter of the bound each), a leaf 1.5 copies of its block;
+    the two-stage path a panel of the band reduction (seven ``n x 64`` arrays and three
+    tiles), then the band in strips (``5 n b`` numbers, on the host and in XLA's
+    buffer), then a chunk of eigenvectors twice; each of these phases peaks at 12-16 MiB.
+    Above it: what stays allocated between the phases (tensorstore's buffers of the kernel
+    reads and eigenvector writes, the eigenvalues, Python and JAX objects: about 6 MiB)
+    and, where the tiled Cholesky runs (QDWH, subspace iteration), the buffers of scipy's own
+    OpenBLAS, first touched by the tiled Cholesky (about 5 MiB more; no Python object is
+    alive, per tracemalloc). ``MALLOC_MMAP_THRESHOLD_`` makes freed panels go back to the
+    system instead of staying in glibc's heap.
     """
     rng = np.random.default_rng(0)
     if spectrum == "outliers":

@@ -105,6 +105,7 @@ def test_every_split_method_matches_lapack(
         in_core_up_to(in_core),
         scratch_dir=str(scratch),
         progress=seen,
+        two_stage_blocks=False,  # QDWH's splits all the way down, as on devices
     )
     check(a, w, v)
     assert methods[0] == ("split_r", method, basis)
@@ -190,6 +191,8 @@ def test_when_every_split_from_the_exact_spectrum_fails_the_sampled_ones_follow(
 
     monkeypatch.setattr(qdwh, "_exact_tries", in_the_cluster)
     monkeypatch.setattr(qdwh, "polar_factor", polar)
-    w, v = divide_and_conquer_eigh(lambda r, c: a[r, c], 140, np.float64, 30, in_core_up_to(40))
+    w, v = divide_and_conquer_eigh(
+        lambda r, c: a[r, c], 140, np.float64, 30, in_core_up_to(40), two_stage_blocks=False
+    )
     check(a, w, v)
     assert len(polar_shifts) >= 3  # both forced tries, then at least one of the sample's

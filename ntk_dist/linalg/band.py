@@ -17,13 +17,21 @@ bound: no second split from a misjudged count, no steps from a guessed bound.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 import scipy.linalg
 
 from ntk_dist.linalg import tiled as tl
 
-__all__ = ["BANDWIDTH", "band_eigenvalues", "bandwidth_for", "compact_wy", "panel_reflector"]
+__all__ = [
+    "BANDWIDTH",
+    "band_eigenvalues",
+    "bandwidth_for",
+    "compact_wy",
+    "panel_reflector",
+    "reduce_to_band",
+]
 
 BANDWIDTH = 64  # wide enough for gemms, narrow enough for LAPACK's band eigensolver
 PANEL_COPIES = 7  # n x b arrays a panel holds: V, V T, W, then [W2 V] and [V W2]
@@ -38,13 +46,15 @@ def bandwidth_for(n: int, tile: int, itemsize: int, memory_bound: int) -> int:
 
 def compact_wy(v: np.ndarray, tau: np.ndarray) -> np.ndarray:
     """``T`` with ``H_1 H_2 ... H_s = I - V T V^T`` for reflectors ``H_i = I - tau_i v_i v_i^T``
-    (the columns of ``V``): upper triangular, as LAPACK's larft forms it."""
-    s = v.shape[1]
-    gram = v.T @ v
-    t = np.zeros((s, s), v.dtype)
+    (the columns of ``V``): upper triangular, as LAPACK's larft forms it. Batched over
+    leading axes (``v`` of shape ``(..., m, s)``, ``tau`` of shape ``(..., s)``)."""
+    s = v.shape[-1]
+    gram = np.swapaxes(v, -1, -2) @ v
+    t = np.zeros((*v.shape[:-2], s, s), v.dtype)
     for i in range(s):
-        t[i, i] = tau[i]
-        t[:i, i] = -tau[i] * (t[:i, :i] @ gram[:i, i])
+        t[..., i, i] = tau[..., i]
+        product = (t[..., :i, :i] @ gram[..., :i, i, None])[..., 0]
+        t[..., :i, i] = -tau[..., i, None] * product
     return t
 
 
@@ -66,10 +76,16 @@ def _tile_span(i: int, tile: int, start: int, n: int) -> slice:
     return slice(i * tile - start, min(n, (i + 1) * tile) - start)
 
 
-def _reduce_panel(work: tl.Tiled, ab: np.ndarray, c0: int, c1: int) -> None:
+Reflector = tuple[int, np.ndarray, np.ndarray]  # (first row c1, V, T): Q = I - V T V^T
+
+
+def _reduce_panel(
+    work: tl.Tiled, ab: np.ndarray, c0: int, c1: int, keep: Callable[[Reflector], None] | None
+) -> None:
     """Reduce columns ``[c0, c1)`` to band form: store them in ``ab``, update the trailing
-    lower tiles of ``work`` (rows and columns from ``c1``) in place. Only lower and
-    diagonal tiles are read (the upper ones go stale)."""
+    lower tiles of ``work`` (rows and columns from ``c1``) in place, pass the panel's
+    reflector to ``keep``. Only lower and diagonal tiles are read (the upper ones go
+    stale)."""
     n, tile = work.rows, work.tile
     diag = work.read_region(slice(c0, c1), slice(c0, c1))
     for d in range(c1 - c0):
@@ -82,6 +98,8 @@ def _reduce_panel(work: tl.Tiled, ab: np.ndarray, c0: int, c1: int) -> None:
         ab[w - np.arange(w), np.arange(c0, c1)] = panel[0]
         return
     v, t, r = panel_reflector(panel)
+    if keep is not None:
+        keep((c1, v, t))
     for p in range(r.shape[0]):  # R[p, q] is A[c1 + p, c0 + q], q >= p
         ab[w + p - np.arange(p, w), np.arange(c0 + p, c1)] = r[p, p:]
     start = c1 // tile * tile  # the tiles from here hold the trailing matrix
@@ -111,19 +129,29 @@ def _reduce_panel(work: tl.Tiled, ab: np.ndarray, c0: int, c1: int) -> None:
             work.write_tiles([(i, j)], [a])
 
 
+def reduce_to_band(
+    matrix: tl.Tiled, bandwidth: int, keep: Callable[[Reflector], None] | None = None
+) -> np.ndarray:
+    """The band form ``Q^T A Q`` of the symmetric tiled ``matrix`` (reduced in place; only
+    its lower and diagonal tiles are read) in LAPACK's lower band storage
+    (``(bandwidth + 1) x N``). ``keep`` receives each panel's reflector, in order:
+    ``Q = Q_0 Q_1 ...``."""
+    ab = np.zeros((bandwidth + 1, matrix.rows), matrix.dtype)
+    for c0 in range(0, matrix.rows, bandwidth):  # equal widths: each R lies in the next panel
+        _reduce_panel(matrix, ab, c0, min(matrix.rows, c0 + bandwidth), keep)
+    return ab
+
+
 def band_eigenvalues(
     matrix: tl.Tiled, work: tl.Tiled | None = None, bandwidth: int = BANDWIDTH
 ) -> np.ndarray:
     """Eigenvalues (ascending) of the symmetric tiled ``matrix`` (only its lower and
     diagonal tiles are read), reduced to band form in place, or in ``work`` (a file copy,
     deleted at the end) if given."""
-    n = matrix.rows
     if work is not None:
         shutil.copyfile(matrix.path, work.path)
     try:
-        ab = np.zeros((bandwidth + 1, n), matrix.dtype)
-        for c0 in range(0, n, bandwidth):  # equal widths: each R lies in the next panel
-            _reduce_panel(work or matrix, ab, c0, min(n, c0 + bandwidth))
+        ab = reduce_to_band(work or matrix, bandwidth)
     finally:
         if work is not None:
             work.release()

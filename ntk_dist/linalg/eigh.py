@@ -9,10 +9,12 @@ here); the eigenvalues (``values``, shape ``(N,)``) and eigenvectors (``vectors`
 the kernel. Later runs read them back; :class:`StoredEigendecomposition` applies
 ``V diag(w) V^T`` streaming row panels of ``V``.
 
-Out of core (neither fits the bound): spectral divide and conquer with tiled QDWH polar
-decompositions (:mod:`ntk_dist.linalg.qdwh`) over scratch tiles of the tiled Cholesky's
-size; the eigenvectors are written block row by block row into the same stored layout,
-so later runs cannot tell the paths apart. The scratch folder
+Out of core (neither fits the bound): spectral divide and conquer
+(:mod:`ntk_dist.linalg.qdwh`) over scratch tiles of the tiled Cholesky's size: outlying
+eigenvalues split off by subspace iteration, a block with no gap by two-stage
+tridiagonalisation on the host (:mod:`ntk_dist.linalg.two_stage`) or tiled QDWH polar
+decompositions on devices and Ray; the eigenvectors are written block row by block row
+into the same stored layout, so later runs cannot tell the paths apart. The scratch folder
 (:func:`default_scratch_dir`, beside the factors) keeps a ledger of finished splits and
 blocks, so an interrupted eigh resumes where it stopped.
 """

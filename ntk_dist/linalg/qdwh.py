@@ -6,7 +6,12 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
    the block's exact spectrum, once known) lie far from the rest, their invariant
    subspace comes from subspace iteration (a few passes over ``A``) and the split from
    one block reflector (step 3), with no QDWH at all;
-2. otherwise the polar factor ``U`` of ``A - σI`` by QDWH on ``X0 = (A - σI) / α``. With
+2. otherwise, with host tile kernels and this process as the runner, the block is
+   decomposed by two-stage tridiagonalisation (:mod:`ntk_dist.linalg.two_stage`, ~5 N^3
+   flops as LAPACK's; recorded as the split method ``"two-stage"``) unless its
+   eigenvectors come out in chunks that are not orthogonal (a cluster wider than a
+   chunk): then, and on devices or Ray, the polar factor ``U`` of ``A - σI`` by QDWH on
+   ``X0 = (A - σI) / α``. With
    host tile kernels, the block's exact eigenvalues (:mod:`ntk_dist.linalg.band`, 4/3 N^3
    flops; the children's are slices of them) give the cheapest split point
    (:func:`_exact_tries`: both sides leaves if possible, in the widest such gap), the
@@ -67,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntk_dist.linalg import tiled as tl
-from ntk_dist.linalg import tridiagonal
+from ntk_dist.linalg import tridiagonal, two_stage
 from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for, panel_reflector
 from ntk_dist.linalg.lanczos import ritz_values
 from ntk_dist.linalg.operator import NotPositiveDefiniteError
@@ -132,6 +137,7 @@ class _Context:
     runner: tl.TileRunner
     device: jax.Device | None  # in-core leaves on this JAX device, else host LAPACK
     progress: Callable[[str], None] | None
+    two_stage: bool = False  # gapless blocks by two-stage tridiagonalisation (host, local)
     scale: float = 1.0
     temps: int = 0
     recorded: list[str] = field(default_factory=list)
@@ -701,6 +707,8 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
         return _accept(ctx, name, {**info, "basis": "subspace iteration"}, exact)
+    if ctx.two_stage and exact is None:
+        return _accept(ctx, name, {"method": "two-stage"}, None)
     if exact is None and ctx.device is None:
         width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
         exact = band_eigenvalues(a, ctx.matrix(name + ".band", n, n), width)
@@ -784,6 +792,11 @@ def _block(ctx: _Context, name: str, n: int, sums: tl.Reductions, depth: int) ->
 def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: int) -> dict:
     """Split block ``name``, solve both halves, and form its parts ``Q_i V_part``."""
     split = ctx.done(f"split_{name}") or _split(ctx, name, a, sums, depth)
+    if split.get("method") == "two-stage":
+        info = _two_stage_block(ctx, name, a)
+        if info is not None:
+            return info
+        split = _split(ctx, name, a, sums, depth)  # QDWH, from the exact spectrum saved
     n = a.rows
     parts, sizes, values, used = [], [], [], []
     for child in split["children"]:
@@ -806,6 +819,33 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
     used += values + [name + ".v.npy", name + ".t.npy", name + ".spectrum.npy"]
     info = {"parts": parts, "sizes": sizes, "values": name + ".w.npy"}
     return {**info, "_values": values, "_used": used}  # _used: deleted once this is recorded
+
+
+def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
+    """Parts and eigenvalues of block ``name`` by :func:`~ntk_dist.linalg.two_stage.
+    two_stage_eigh` on a copy of it; None (its exact spectrum saved for QDWH's split) if
+    MRRR's chunks were not orthogonal, as in a cluster wider than a chunk."""
+    n = a.rows
+    work = ctx.new(name + ".band", n, n)
+    shutil.copyfile(a.path, work.path)
+    width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
+    try:
+        parts, w = two_stage.two_stage_eigh(
+            work,
+            os.path.join(ctx.folder, name + ".two-stage"),
+            width,
+            ctx.memory_bound,
+            lambda j, cols: ctx.new(f"{name}.v{j}", n, cols),
+        )
+    except two_stage.ChunksNotOrthogonalError as e:
+        _save_spectrum(ctx, name, e.eigenvalues)  # so _split takes QDWH's path from it
+        return None
+    finally:
+        ctx.release(work)
+    np.save(os.path.join(ctx.folder, name + ".tw.npy"), w)
+    names = [p.path.removeprefix(ctx.folder + os.sep) for p in parts]
+    info = {"parts": names, "sizes": [p.cols for p in parts], "values": name + ".w.npy"}
+    return {**info, "_values": [name + ".tw.npy"], "_used": [name + ".tw.npy"]}
 
 
 def _reflect_part(ctx: _Context, name: str, last: bool, part: str, out: tl.Tiled) -> None:
@@ -891,6 +931,7 @@ def divide_and_conquer_eigh(
     runner: tl.TileRunner | None = None,
     kernels: str = "auto",
     progress: Callable[[str], None] | None = None,
+    two_stage_blocks: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Eigendecomposition of the symmetric ``n x n`` matrix given by ``read(rows, cols)``.
 
@@ -904,6 +945,9 @@ def divide_and_conquer_eigh(
     ``runner``: where the tile jobs run (default :class:`~ntk_dist.linalg.tiled.LocalRunner`).
     ``kernels``: "host" (numpy/scipy BLAS and LAPACK), "device" (jitted JAX on
     ``devices``, round robin) or "auto" (device unless the devices are CPUs).
+    ``two_stage_blocks``: with host kernels and the local runner, decompose a block with
+    no outlying eigenvalues by two-stage tridiagonalisation (False: QDWH's splits, as
+    on devices).
     ``progress(key)`` is called after each ledger record ("input", "split_<block>",
     "done_<block>"; blocks are named "r", "r0", "r1", "r01", ...).
     """
@@ -920,6 +964,7 @@ def divide_and_conquer_eigh(
     ctx = _Context(
         folder, tile, dtype, memory_bound, tol, runner, devices[0] if on_device else None, progress
     )
+    ctx.two_stage = two_stage_blocks and not on_device and isinstance(runner, tl.LocalRunner)
     a, sums = _input(ctx, read, n)
     ctx.scale = max(math.sqrt(sums["sumsq"]), float(np.finfo(dtype).tiny))
     info = _block(ctx, "r", n, sums, 0)

@@ -1,0 +1,205 @@
+"""Band to tridiagonal by bulge chasing, compiled, with the reflectors kept in blocks.
+
+Sweep ``i`` annihilates column ``i`` below its subdiagonal with a reflector of length
+``b`` (the bandwidth); applied from both sides it fills a ``b x b`` block below the band,
+whose first column the next reflector, ``b`` rows further down, annihilates, and so on
+down the matrix (the "type 1/2" kernels of LAPACK's sb2st, one column at a time). Each
+step touches ``b`` rows and columns; as Python it costs ~24 us, so the whole loop runs
+as one XLA program per group of ``b`` sweeps (~20 us a step at ``b = 64`` on a CPU core;
+``N^2 / 2b`` steps in all).
+
+The band lives in strips, stacked as one ``(rows, 5b)`` array: strip ``K`` holds rows
+``[Kb, Kb + b)`` at columns ``[(K - 2) b, (K + 3) b)``, both triangles, wide enough for the
+fill. Indices are shifted by ``2b`` so that the first strips need no special case.
+
+The reflectors of a group of ``b`` sweeps at the same depth ``k`` (the ``k``-th step of
+each sweep) overlap in rows ``[I + 1 + kb, I + kb + 2b)``; their product is one compact
+WY block ``I - V T V^T``. Applying ``Q = H_first ... H_last`` to ``Z`` needs the groups
+from the last to the first and, within a group, the depths in increasing order
+(reflectors of other depths in between act on other rows: they commute).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_dist.linalg.band import compact_wy
+
+__all__ = ["WIDTH", "ChaseGroup", "apply_groups", "tridiagonalize"]
+
+WIDTH = 5  # a strip's width in bandwidths: its own block, two either side for the fill
+
+
+@dataclass
+class ChaseGroup:
+    """The reflectors of sweeps ``[first, first + b)``: at depth ``k`` (the ``k``-th step of
+    each sweep) sweep ``first + j``'s reflector ``I - tau[k, j] u u^T`` has
+    ``u = v[k, j]`` on rows ``first + 1 + k b + j`` onwards; together ``I - V_k t[k] V_k^T``
+    with ``V_k`` of shape ``(2b - 1, b)``."""
+
+    first: int
+    v: np.ndarray  # (depths, b, b)
+    t: np.ndarray  # (depths, b, b), upper triangular
+
+    @staticmethod
+    def blocks(v: np.ndarray) -> np.ndarray:
+        """The ``V_k`` (``(depths, 2b - 1, b)``): column ``j`` is ``v[k, j]`` from row ``j``."""
+        depths, b = v.shape[:2]
+        out = np.zeros((depths, 2 * b - 1, b), v.dtype)
+        j = np.arange(b)
+        out[:, j[:, None] + j[None, :], j[:, None]] = v
+        return out
+
+    def apply(self, z: np.ndarray) -> None:
+        """``z <- Q_group z`` in place (``z`` has at least ``first + depths b + 2b`` rows)."""
+        blocks = self.blocks(self.v)
+        b = self.v.shape[1]
+        for k in range(self.v.shape[0]):
+            rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b]
+            rows -= blocks[k] @ (self.t[k] @ (blocks[k].T @ rows))
+
+
+def _steps(n: int, b: int, first: int) -> tuple[np.ndarray, ...]:
+    """Row of each step (``p``), column offset of its target (``b - 1`` for a sweep's
+    first step, else 0), sweep slot and depth, for sweeps ``[first, first + b)``,
+    padded to a fixed length."""
+    p, c, slot, depth = [], [], [], []
+    for i in range(first, min(first + b, n - 2)):
+        k, row = 0, i + 1
+        while True:
+            p.append(row), c.append(b - 1 if k == 0 else 0), slot.append(i - first)
+            depth.append(k)
+            if row + b >= n:
+                break
+            k, row = k + 1, row + b
+    count = len(p)
+    size = b * (math.ceil(n / b) + 1)  # a sweep has at most n / b steps
+    pad = [0] * (size - count)
+    arrays = (p + pad, c + pad, slot + pad, depth + pad)
+    return (*(np.asarray(a, np.int32) for a in arrays), count)
+
+
+def _at(*index: int | jax.Array) -> tuple[jax.Array, ...]:
+    """Start indices of one integer type, as ``dynamic_slice`` requires."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in index)
+
+
+def _reflector(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v`` (``v[0] = 1``) and ``tau`` with ``(I - tau v v^T) x = beta e_0``; identity if
+    ``x`` has nothing below its first entry."""
+    alpha, below = x[0], jnp.dot(x[1:], x[1:])
+    norm = jnp.sqrt(alpha * alpha + below)
+    beta = jnp.where(alpha >= 0, -norm, norm)
+    active = below > 0
+    scale = jnp.where(active, alpha - beta, 1.0)
+    v = jnp.where(active, x / scale, 0.0).at[0].set(1.0)
+    return v, jnp.where(active, (beta - alpha) / beta, 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _group_program(n: int, b: int, dtype: str) -> Callable:
+    """The compiled sweeps of one group: ``(strips, rows, columns, count) -> (strips,
+    each step's reflector and tau)``."""
+
+    def step(s: int, carry: tuple, p, c) -> tuple:
+        strips, vs, taus = carry
+        pg = p[s] + 2 * b
+        k, o = pg // b, pg % b
+        # rows [pg, pg + b): the last b - o rows of strip k, the first o of strip k + 1,
+        # at columns [(k - 1) b, (k + 3) b)
+        top = jax.lax.dynamic_slice(strips, _at(k * b, b), (b, 4 * b))
+        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, 0), (b, 4 * b))
+        r = jnp.arange(b)
+        col = o + c[s]
+        x = jnp.where(r < b - o, top[(o + r) % b, col], bottom[(o + r) % b, col])
+        v, tau = _reflector(x)
+        v_top = jnp.where(r >= o, v[(r - o) % b], 0.0)
+        v_bottom = jnp.where(r < o, v[(r - o) % b], 0.0)
+        w = v_top @ top + v_bottom @ bottom
+        top = top - tau * jnp.outer(v_top, w)
+        strips = jax.lax.dynamic_update_slice(strips, top, _at(k * b, b))
+        # read again after the write, not before: a write computed from a read of another
+        # place in the same array makes XLA copy the whole array at every step
+        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, 0), (b, 4 * b))
+        bottom = bottom - tau * jnp.outer(v_bottom, w)
+        strips = jax.lax.dynamic_update_slice(strips, bottom, _at(k * b + b, 0))
+        for d in (-1, 0, 1, 2):
+            offset = o + (2 - d) * b
+            cols = jax.lax.dynamic_slice(strips, _at((k + d) * b, offset), (b, b))
+            cols = cols - tau * jnp.outer(cols @ v, v)
+            strips = jax.lax.dynamic_update_slice(strips, cols, _at((k + d) * b, offset))
+        return strips, vs.at[s].set(v), taus.at[s].set(tau)
+
+    def group(strips, p, c, count):
+        size = p.shape[0]
+        vs = jnp.zeros((size, b), strips.dtype)
+        taus = jnp.zeros((size,), strips.dtype)
+        body = functools.partial(step, p=p, c=c)
+        return jax.lax.fori_loop(0, count, body, (strips, vs, taus))
+
+    return jax.jit(group, donate_argnums=0)
+
+
+def _to_strips(ab: np.ndarray) -> np.ndarray:
+    """Lower band storage ``(b + 1) x n`` -> strips (see the module docstring)."""
+    b, n = ab.shape[0] - 1, ab.shape[1]
+    count = math.ceil((n + 2 * b) / b) + 4
+    strips = np.zeros((count, b, WIDTH * b), ab.dtype)
+    for d in range(b + 1):
+        cols = np.arange(n - d)
+        for r, c in ((cols + d, cols), (cols, cols + d)):
+            rg, cg = r + 2 * b, c + 2 * b
+            strips[rg // b, rg % b, cg - (rg // b - 2) * b] = ab[d, cols]
+    return strips
+
+
+def _diagonals(strips: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    b = strips.shape[1]
+    rows = np.arange(n) + 2 * b
+    strip, within = rows // b, rows % b
+    d = strips[strip, within, rows - (strip - 2) * b]
+    e = strips[strip[1:], within[1:], rows[1:] - 1 - (strip[1:] - 2) * b]
+    return d, e
+
+
+def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[ChaseGroup]]:
+    """Diagonal and subdiagonal of ``Q^T B Q`` for the band matrix ``ab`` (LAPACK's lower
+    band storage), and ``Q``'s reflectors as :class:`ChaseGroup` s, first to last.
+
+    The groups are produced as the sweeps run (a generator, to be consumed before ``d``
+    and ``e`` are read: they are filled in when it is exhausted), so that a caller can
+    write each group to disk and never hold all of them (``n^2 / 2`` numbers)."""
+    b, n = ab.shape[0] - 1, ab.shape[1]
+    d, e = np.empty(n, ab.dtype), np.empty(max(n - 1, 0), ab.dtype)
+
+    def groups() -> Iterator[ChaseGroup]:
+        strips = _to_strips(ab)
+        strips = jax.device_put(strips.reshape(-1, WIDTH * b))  # the host copy goes
+        if b > 1:
+            program = _group_program(n, b, ab.dtype.name)
+            for first in range(0, max(n - 2, 0), b):
+                p, c, slot, depth, count = _steps(n, b, first)
+                strips, flat_v, flat_tau = program(strips, jnp.asarray(p), jnp.asarray(c), count)
+                depths = int(depth[:count].max()) + 1
+                v = np.zeros((depths, b, b), ab.dtype)
+                tau = np.zeros((depths, b), ab.dtype)
+                v[depth[:count], slot[:count]] = np.asarray(flat_v[:count])
+                tau[depth[:count], slot[:count]] = np.asarray(flat_tau[:count])
+                yield ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
+        d[:], e[:] = _diagonals(np.asarray(strips).reshape(-1, b, WIDTH * b), n)
+
+    return d, e, groups()
+
+
+def apply_groups(z: np.ndarray, groups: Callable[[int], ChaseGroup], count: int) -> None:
+    """``z <- Q z`` in place for the chase's ``Q``; ``groups(g)`` gives the ``g``-th group
+    (from disk, say), ``z`` is padded with ``3 b`` zero rows below."""
+    for g in reversed(range(count)):
+        groups(g).apply(z)
