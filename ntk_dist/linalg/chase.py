@@ -113,23 +113,23 @@ def _group_program(n: int, b: int, dtype: str) -> Callable:
         pg = p[s] + 2 * b
         k, o = pg // b, pg % b
         # rows [pg, pg + b): the last b - o rows of strip k, the first o of strip k + 1,
-        # at columns [(k - 1) b, (k + 3) b)
-        top = jax.lax.dynamic_slice(strips, _at(k * b, b), (b, 4 * b))
-        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, 0), (b, 4 * b))
+        # at columns [pg - b, pg + 2b) (all that the window holds)
+        top = jax.lax.dynamic_slice(strips, _at(k * b, o + b), (b, 3 * b))
+        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, o), (b, 3 * b))
         r = jnp.arange(b)
-        col = o + c[s]
+        col = c[s]
         x = jnp.where(r < b - o, top[(o + r) % b, col], bottom[(o + r) % b, col])
         v, tau = _reflector(x)
         v_top = jnp.where(r >= o, v[(r - o) % b], 0.0)
         v_bottom = jnp.where(r < o, v[(r - o) % b], 0.0)
         w = v_top @ top + v_bottom @ bottom
         top = top - tau * jnp.outer(v_top, w)
-        strips = jax.lax.dynamic_update_slice(strips, top, _at(k * b, b))
+        strips = jax.lax.dynamic_update_slice(strips, top, _at(k * b, o + b))
         # read again after the write, not before: a write computed from a read of another
         # place in the same array makes XLA copy the whole array at every step
-        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, 0), (b, 4 * b))
+        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, o), (b, 3 * b))
         bottom = bottom - tau * jnp.outer(v_bottom, w)
-        strips = jax.lax.dynamic_update_slice(strips, bottom, _at(k * b + b, 0))
+        strips = jax.lax.dynamic_update_slice(strips, bottom, _at(k * b + b, o))
         for d in (-1, 0, 1, 2):
             offset = o + (2 - d) * b
             cols = jax.lax.dynamic_slice(strips, _at((k + d) * b, offset), (b, b))
