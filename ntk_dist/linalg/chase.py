@@ -67,9 +67,9 @@ class ChaseGroup:
 
 
 def _steps(n: int, b: int, first: int) -> tuple[np.ndarray, ...]:
-    """Row of each step (``p``), column offset of its target (``b - 1`` for a sweep's
-    first step, else 0), sweep slot and depth, for sweeps ``[first, first + b)``,
-    padded to a fixed length."""
+    """Row of each step (``p``) and column offset of its target (``b - 1`` for a sweep's
+    first step, else 0), padded to a fixed length for the compiled loop, then the sweep
+    slot and depth of each step, for sweeps ``[first, first + b)``."""
     p, c, slot, depth = [], [], [], []
     for i in range(first, min(first + b, n - 2)):
         k, row = 0, i + 1
@@ -79,11 +79,8 @@ def _steps(n: int, b: int, first: int) -> tuple[np.ndarray, ...]:
             if row + b >= n:
                 break
             k, row = k + 1, row + b
-    count = len(p)
-    size = b * (math.ceil(n / b) + 1)  # a sweep has at most n / b steps
-    pad = [0] * (size - count)
-    arrays = (p + pad, c + pad, slot + pad, depth + pad)
-    return (*(np.asarray(a, np.int32) for a in arrays), count)
+    pad = [0] * (b * (math.ceil(n / b) + 1) - len(p))  # a sweep has at most n / b steps
+    return tuple(np.asarray(a, np.int32) for a in (p + pad, c + pad, slot, depth))
 
 
 def _at(*index: int | jax.Array) -> tuple[jax.Array, ...]:
@@ -185,13 +182,13 @@ def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[Cha
         if b > 1:
             program = _group_program(n, b, ab.dtype.name)
             for first in range(0, max(n - 2, 0), b):
-                p, c, slot, depth, count = _steps(n, b, first)
+                p, c, slot, depth = _steps(n, b, first)
+                count = len(slot)
                 strips, flat_v, flat_tau = program(strips, jnp.asarray(p), jnp.asarray(c), count)
-                depths = int(depth[:count].max()) + 1
-                v = np.zeros((depths, b, b), ab.dtype)
-                tau = np.zeros((depths, b), ab.dtype)
-                v[depth[:count], slot[:count]] = np.asarray(flat_v[:count])
-                tau[depth[:count], slot[:count]] = np.asarray(flat_tau[:count])
+                v = np.zeros((int(depth.max()) + 1, b, b), ab.dtype)
+                tau = np.zeros(v.shape[:2], ab.dtype)
+                v[depth, slot] = np.asarray(flat_v[:count])
+                tau[depth, slot] = np.asarray(flat_tau[:count])
                 yield ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
         d[:], e[:] = _diagonals(np.asarray(strips).reshape(-1, b, WIDTH * b), n)
 

@@ -824,7 +824,8 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
 def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
     """Parts and eigenvalues of block ``name`` by :func:`~ntk_dist.linalg.two_stage.
     two_stage_eigh` on a copy of it; None (its exact spectrum saved for QDWH's split) if
-    MRRR's chunks were not orthogonal, as in a cluster wider than a chunk."""
+    the eigenvectors of separate stein calls were not orthogonal, as in a cluster wider
+    than a call."""
     n = a.rows
     work = ctx.new(name + ".band", n, n)
     shutil.copyfile(a.path, work.path)
@@ -961,10 +962,9 @@ def divide_and_conquer_eigh(
     tol = tol if tol is not None else 1e3 * float(np.finfo(dtype).eps)
     meta = {"n": n, "dtype": dtype.name, "tile": tile, "memory_bound": memory_bound, "tol": tol}
     _open_scratch(folder, meta)
-    ctx = _Context(
-        folder, tile, dtype, memory_bound, tol, runner, devices[0] if on_device else None, progress
-    )
-    ctx.two_stage = two_stage_blocks and not on_device and isinstance(runner, tl.LocalRunner)
+    two_stage_here = two_stage_blocks and not on_device and isinstance(runner, tl.LocalRunner)
+    device = devices[0] if on_device else None
+    ctx = _Context(folder, tile, dtype, memory_bound, tol, runner, device, progress, two_stage_here)
     a, sums = _input(ctx, read, n)
     ctx.scale = max(math.sqrt(sums["sumsq"]), float(np.finfo(dtype).tiny))
     info = _block(ctx, "r", n, sums, 0)

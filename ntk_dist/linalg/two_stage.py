@@ -13,8 +13,9 @@
 4. Each chunk ``Z`` becomes ``Q1 Q2 Z`` (stage two's blocks, ``~4 N^2`` flops a column,
    then stage one's, ``2 N^2``) and is written as one part of the eigenvectors.
 
-Memory: a panel of the band reduction, the band in strips (``6 N b`` numbers) and one
-chunk of columns (twice: LAPACK's output and the padded copy). Disk: a copy of the
+Memory: a panel of the band reduction, the band in strips (``5 N b`` numbers) and one
+chunk of columns (counted twice: the chunk, and as much again for stein's output, the
+reflectors' temporaries and the tile copies of its write). Disk: a copy of the
 matrix, the reflectors (about one matrix) and the parts.
 """
 
@@ -34,7 +35,7 @@ from ntk_dist.linalg.band import reduce_to_band
 
 __all__ = ["ChunksNotOrthogonalError", "chunk_bounds", "two_stage_eigh"]
 
-CHUNK_COPIES = 2  # LAPACK's output and the padded copy the reflectors update
+CHUNK_COPIES = 2  # the padded chunk, and room as large for what works on it
 STEIN_COLUMNS = 128  # eigenvectors per call of stein, which orthogonalises each against
 # the others of its cluster in the call (O(columns^2 n)): short calls, each ending at a gap
 _SLAB = 512  # rows of a chunk updated at once by a panel's reflector
