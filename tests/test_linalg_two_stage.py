@@ -60,6 +60,19 @@ def test_chunks_end_at_the_widest_gap_within_reach():
     assert two_stage.chunk_bounds(np.arange(3.0), 1) == [0, 1, 2, 3]
 
 
+def test_stein_calls_end_at_every_safe_gap_and_split_clusters_at_gaps():
+    # eigenvalues 1e-3 of the radius apart need no orthogonalising: one call each
+    assert two_stage.stein_calls(np.linspace(1, 10, 50), 8) == list(range(51))
+    # two tight clusters 1 apart (gaps 1e-7): each in calls of <= 8, split at its widest gap
+    rng = np.random.default_rng(0)
+    first, second = 1 + np.sort(rng.random(12)) * 1e-5, 2 + np.sort(rng.random(5)) * 1e-5
+    w = np.concatenate([first, second])
+    bounds = two_stage.stein_calls(w, 8)
+    assert all(0 < hi - lo <= 8 for lo, hi in zip(bounds, bounds[1:], strict=False))
+    assert bounds == [*two_stage.chunk_bounds(first, 8), 17]
+    assert len(bounds) == 4  # 0, inside the first cluster, between the clusters, the end
+
+
 SPECTRA = {
     "spread": lambda n: np.linspace(1.0, 10.0, n),
     "power law": lambda n: 1.0 / np.arange(1, n + 1) + 1e-4,

@@ -34,7 +34,7 @@ from ntk_dist.linalg.band import compact_wy
 
 __all__ = ["WIDTH", "ChaseGroup", "apply_groups", "tridiagonalize"]
 
-WIDTH = 5  # a strip's width in bandwidths: its own block, two either side for the fill
+WIDTH = 6  # a strip's width in bandwidths: its rows' band and fill, moved by up to b
 
 
 @dataclass
@@ -66,21 +66,19 @@ class ChaseGroup:
             rows -= blocks[k] @ (self.t[k] @ (blocks[k].T @ rows))
 
 
-def _steps(n: int, b: int, first: int) -> tuple[np.ndarray, ...]:
-    """Row of each step (``p``) and column offset of its target (``b - 1`` for a sweep's
-    first step, else 0), padded to a fixed length for the compiled loop, then the sweep
-    slot and depth of each step, for sweeps ``[first, first + b)``."""
-    p, c, slot, depth = [], [], [], []
-    for i in range(first, min(first + b, n - 2)):
-        k, row = 0, i + 1
-        while True:
-            p.append(row), c.append(b - 1 if k == 0 else 0), slot.append(i - first)
-            depth.append(k)
-            if row + b >= n:
-                break
-            k, row = k + 1, row + b
-    pad = [0] * (b * (math.ceil(n / b) + 1) - len(p))  # a sweep has at most n / b steps
-    return tuple(np.asarray(a, np.int32) for a in (p + pad, c + pad, slot, depth))
+def _depths(n: int, b: int) -> int:
+    """Most steps a sweep takes (the compiled loop's room for reflectors)."""
+    return math.ceil(n / b) + 1
+
+
+def _sweeps(n: int, b: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """First row (shifted by ``2b``) and number of steps of sweeps ``[first, first + b)``
+    (none for sweeps past ``n - 3``): sweep ``i`` takes rows ``i + 1``, ``i + 1 + b``, ...
+    while the row before has more than ``b`` rows below it."""
+    start, steps = np.zeros(b, np.int32), np.zeros(b, np.int32)
+    for j, i in enumerate(range(first, min(first + b, n - 2))):
+        start[j], steps[j] = i + 1 + 2 * b, max(1, math.ceil((n - i - 1 - b) / b) + 1)
+    return start, steps
 
 
 def _at(*index: int | jax.Array) -> tuple[jax.Array, ...]:
@@ -102,44 +100,46 @@ def _reflector(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @functools.lru_cache(maxsize=8)
 def _group_program(n: int, b: int, dtype: str) -> Callable:
-    """The compiled sweeps of one group: ``(strips, rows, columns, count) -> (strips,
-    each step's reflector and tau)``."""
+    """The compiled sweeps of one group: ``(strips, start, steps) -> (strips, v, tau)``
+    with each sweep's first row and number of steps, each step's reflector at
+    ``[depth, sweep]``."""
+    depths = _depths(n, b)
 
-    def step(s: int, carry: tuple, p, c) -> tuple:
+    def step(d: jax.Array, carry: tuple, j: jax.Array, start: jax.Array) -> tuple:
         strips, vs, taus = carry
-        pg = p[s] + 2 * b
-        k, o = pg // b, pg % b
-        # rows [pg, pg + b): the last b - o rows of strip k, the first o of strip k + 1,
-        # at columns [pg - b, pg + 2b) (all that the window holds)
-        top = jax.lax.dynamic_slice(strips, _at(k * b, o + b), (b, 3 * b))
-        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, o), (b, 3 * b))
-        r = jnp.arange(b)
-        col = c[s]
-        x = jnp.where(r < b - o, top[(o + r) % b, col], bottom[(o + r) % b, col])
-        v, tau = _reflector(x)
-        v_top = jnp.where(r >= o, v[(r - o) % b], 0.0)
-        v_bottom = jnp.where(r < o, v[(r - o) % b], 0.0)
-        w = v_top @ top + v_bottom @ bottom
-        top = top - tau * jnp.outer(v_top, w)
-        strips = jax.lax.dynamic_update_slice(strips, top, _at(k * b, o + b))
-        # read again after the write, not before: a write computed from a read of another
-        # place in the same array makes XLA copy the whole array at every step
-        bottom = jax.lax.dynamic_slice(strips, _at(k * b + b, o), (b, 3 * b))
-        bottom = bottom - tau * jnp.outer(v_bottom, w)
-        strips = jax.lax.dynamic_update_slice(strips, bottom, _at(k * b + b, o))
-        for d in (-1, 0, 1, 2):
-            offset = o + (2 - d) * b
-            cols = jax.lax.dynamic_slice(strips, _at((k + d) * b, offset), (b, b))
+        s, pg = j + 1, start + d * b  # this sweep's strips start at rows = s mod b
+        # rows [pg, pg + b), columns [pg - b, pg + 2b): all that they hold
+        top = jax.lax.dynamic_slice(strips, _at(pg, s + b), (b, 3 * b))
+        col = jnp.where(d == 0, b - 1, 0)  # column i of sweep i, else the last bulge's first
+        v, tau = _reflector(jax.lax.dynamic_index_in_dim(top, col, axis=1, keepdims=False))
+        top = top - tau * jnp.outer(v, v @ top)
+        strips = jax.lax.dynamic_update_slice(strips, top, _at(pg, s + b))
+        # columns [pg, pg + b) of rows [pg - b, pg + 2b), read after the write above: a
+        # write computed from a read elsewhere in the same array makes XLA copy it whole
+        for row, offset in ((pg - b, s + 3 * b), (pg, s + 2 * b), (pg + b, s + b)):
+            cols = jax.lax.dynamic_slice(strips, _at(row, offset), (b, b))
             cols = cols - tau * jnp.outer(cols @ v, v)
-            strips = jax.lax.dynamic_update_slice(strips, cols, _at((k + d) * b, offset))
-        return strips, vs.at[s].set(v), taus.at[s].set(tau)
+            strips = jax.lax.dynamic_update_slice(strips, cols, _at(row, offset))
+        return strips, vs.at[d, j].set(v), taus.at[d, j].set(tau)
 
-    def group(strips, p, c, count):
-        size = p.shape[0]
-        vs = jnp.zeros((size, b), strips.dtype)
-        taus = jnp.zeros((size,), strips.dtype)
-        body = functools.partial(step, p=p, c=c)
-        return jax.lax.fori_loop(0, count, body, (strips, vs, taus))
+    def sweep(j: jax.Array, carry: tuple, start: jax.Array, steps: jax.Array) -> tuple:
+        strips, vs, taus = carry
+        # row j of every strip joins the strip above it: its columns move right by b
+        rows = strips.reshape(-1, b, WIDTH * b)
+        moved = jax.lax.dynamic_index_in_dim(rows, j, axis=1)
+        moved = jnp.concatenate([jnp.zeros_like(moved[..., :b]), moved[..., :-b]], axis=-1)
+        strips = jax.lax.dynamic_update_index_in_dim(rows, moved, j, axis=1).reshape(strips.shape)
+        body = functools.partial(step, j=j, start=start[j])
+        return jax.lax.fori_loop(0, steps[j], body, (strips, vs, taus))
+
+    def group(strips: jax.Array, start: jax.Array, steps: jax.Array) -> tuple:
+        vs = jnp.zeros((depths, b, b), strips.dtype)
+        taus = jnp.zeros((depths, b), strips.dtype)
+        body = functools.partial(sweep, start=start, steps=steps)
+        strips, vs, taus = jax.lax.fori_loop(0, b, body, (strips, vs, taus))
+        # every row has joined the strip above: back to the strips that start at multiples of b
+        strips = jnp.concatenate([strips[:, b:], jnp.zeros_like(strips[:, :b])], axis=1)
+        return strips, vs, taus
 
     return jax.jit(group, donate_argnums=0)
 
@@ -182,13 +182,9 @@ def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[Cha
         if b > 1:
             program = _group_program(n, b, ab.dtype.name)
             for first in range(0, max(n - 2, 0), b):
-                p, c, slot, depth = _steps(n, b, first)
-                count = len(slot)
-                strips, flat_v, flat_tau = program(strips, jnp.asarray(p), jnp.asarray(c), count)
-                v = np.zeros((int(depth.max()) + 1, b, b), ab.dtype)
-                tau = np.zeros(v.shape[:2], ab.dtype)
-                v[depth, slot] = np.asarray(flat_v[:count])
-                tau[depth, slot] = np.asarray(flat_tau[:count])
+                start, steps = _sweeps(n, b, first)
+                strips, v, tau = program(strips, jnp.asarray(start), jnp.asarray(steps))
+                v, tau = np.asarray(v[: steps[0]]), np.asarray(tau[: steps[0]])
                 yield ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
         d[:], e[:] = _diagonals(np.asarray(strips).reshape(-1, b, WIDTH * b), n)
 

@@ -6,10 +6,11 @@
    reflectors go to disk in compact WY blocks, a group of sweeps at a time.
 3. The tridiagonal matrix's eigenvalues (dqds), then its eigenvectors by inverse iteration
    (LAPACK's stein) a chunk of columns at a time, as many as the memory bound holds, in
-   calls of at most ``STEIN_COLUMNS`` that end where the spectrum has its widest relative
-   gap; the vectors either side of each call's end are checked for orthogonality (those
-   of separate calls are not orthogonalised against each other, which matters inside a
-   tight cluster).
+   calls that end at every gap of at least ``SAFE_GAP`` times the spectral radius and
+   inside wider clusters after at most ``STEIN_COLUMNS``, where the spectrum has its
+   widest relative gap; the vectors either side of each call's end are checked for
+   orthogonality (those of separate calls are not orthogonalised against each other,
+   which matters inside a tight cluster).
 4. Each chunk ``Z`` becomes ``Q1 Q2 Z`` (stage two's blocks, ``~4 N^2`` flops a column,
    then stage one's, ``2 N^2``) and is written as one part of the eigenvectors.
 
@@ -33,11 +34,14 @@ from ntk_dist.linalg import chase
 from ntk_dist.linalg import tiled as tl
 from ntk_dist.linalg.band import reduce_to_band
 
-__all__ = ["ChunksNotOrthogonalError", "chunk_bounds", "two_stage_eigh"]
+__all__ = ["ChunksNotOrthogonalError", "chunk_bounds", "stein_calls", "two_stage_eigh"]
 
 CHUNK_COPIES = 2  # the padded chunk, and room as large for what works on it
-STEIN_COLUMNS = 128  # eigenvectors per call of stein, which orthogonalises each against
+STEIN_COLUMNS = 64  # eigenvectors per call of stein, which orthogonalises each against
 # the others of its cluster in the call (O(columns^2 n)): short calls, each ending at a gap
+SAFE_GAP = 1e-4  # inverse iteration's vectors either side of a gap this wide (relative to
+# the spectral radius) are orthogonal to ~eps / SAFE_GAP without orthogonalising them:
+# a call ends there (stein would orthogonalise across gaps up to 1e-3 of its norm)
 _SLAB = 512  # rows of a chunk updated at once by a panel's reflector
 _CHECKED = 16  # vectors on each side of a chunk boundary checked for orthogonality
 
@@ -65,6 +69,19 @@ def chunk_bounds(w: np.ndarray, width: int) -> list[int]:
         wide = np.flatnonzero(gaps >= gaps.max() / 2)
         bounds.append(lo + int(wide[-1]))
     return bounds + [n]
+
+
+def stein_calls(w: np.ndarray, width: int) -> list[int]:
+    """Boundaries of the calls of stein for the ascending eigenvalues ``w``: at every gap
+    of at least ``SAFE_GAP`` times the spectral radius, and by :func:`chunk_bounds` inside
+    runs longer than ``width`` without one."""
+    n = len(w)
+    scale = float(np.abs(w).max()) if n else 0.0
+    safe = [0, *(np.flatnonzero(np.diff(w) >= SAFE_GAP * scale) + 1).tolist(), n]
+    bounds = [0]
+    for lo, hi in zip(safe[:-1], safe[1:], strict=True):
+        bounds += [lo + j for j in chunk_bounds(w[lo:hi], width)[1:]]
+    return bounds
 
 
 def _tridiagonal_vectors(d: np.ndarray, e: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -163,7 +180,7 @@ def _parts(
     n, itemsize = len(d), d.dtype.itemsize
     fixed = (3 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group, a panel
     width = max(1, (memory_bound - fixed) // (CHUNK_COPIES * (n + 3 * b) * itemsize))
-    calls = chunk_bounds(w, int(min(n, width, STEIN_COLUMNS)))
+    calls = stein_calls(w, int(min(n, width, STEIN_COLUMNS)))
     limit = 1e3 * math.sqrt(n) * float(np.finfo(d.dtype).eps)
     parts, tail = [], np.zeros((n, 0), d.dtype)
     for j, (lo, hi) in enumerate(_chunks(calls, width)):
