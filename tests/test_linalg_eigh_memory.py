@@ -80,14 +80,14 @@ def measure(tmp_path, bound, what):
 )
 def test_n2048_eigh_stays_under_the_bound(tmp_path, spectrum, bound):
     """Peak RSS growth <= bound + 12 MiB stated overhead (measured in all: 15.6-17.0 MiB
-    for the outliers, 21.8-21.9 MiB for the spread spectrum out of core; 52.3-53.3 MiB
+    for the outliers, 23.8 MiB for the spread spectrum out of core; 52.3-53.3 MiB
     in core on the host, whose eigenvector back-transformation holds V, half the block in
     reflectors and temporaries of 128 rows).
 
     Within the bound: a product job holds a row panel of one operand and a column
     panel of the other (a quarter of the bound each), a leaf 1.5 copies of its block;
     the two-stage path a panel of the band reduction (seven ``n x 64`` arrays and three
-    tiles), then the band in strips (``5 n b`` numbers, on the host and in XLA's
+    tiles), then the band in strips (``6 n b`` numbers, on the host and in XLA's
     buffer), then a chunk of eigenvectors twice; each of these phases peaks at 12-16 MiB.
     Above it: what stays allocated between the phases (tensorstore's buffers of the kernel
     reads and eigenvector writes, the eigenvalues, Python and JAX objects: about 6 MiB)

@@ -4,13 +4,19 @@ Sweep ``i`` annihilates column ``i`` below its subdiagonal with a reflector of l
 ``b`` (the bandwidth); applied from both sides it fills a ``b x b`` block below the band,
 whose first column the next reflector, ``b`` rows further down, annihilates, and so on
 down the matrix (the "type 1/2" kernels of LAPACK's sb2st, one column at a time). Each
-step touches ``b`` rows and columns; as numpy calls it costs ~58 us (b = 64, this
-layout), so the whole loop runs as one XLA program per group of ``b`` sweeps (~24 us a
-step on a CPU core; ``N^2 / 2b`` steps in all; compiled once per process and size).
+step touches ``b`` rows and columns; as numpy calls it costs ~58 us (b = 64), so the
+whole loop runs as one XLA program per group of ``b`` sweeps (~17 us a step on a CPU
+core, where the band streams through the cache once a sweep; ``N^2 / 2b`` steps in all;
+compiled once per process and size).
 
-The band lives in strips, stacked as one ``(rows, 5b)`` array: strip ``K`` holds rows
-``[Kb, Kb + b)`` at columns ``[(K - 2) b, (K + 3) b)``, both triangles, wide enough for the
-fill. Indices are shifted by ``2b`` so that the first strips need no special case.
+The band lives in strips of ``b`` rows, stacked as one ``(rows, 6b)`` array, both
+triangles, wide enough for the fill; indices are shifted by ``2b`` so that the first
+strips need no special case. At the start of a group strip ``K`` holds rows
+``[Kb, Kb + b)`` at columns ``[(K - 2) b, (K + 4) b)``. The strips follow the sweeps' rows:
+for sweep ``s`` of the group (from 1) strip ``K`` holds rows ``[Kb + s, Kb + s + b)``,
+each row joining the strip above it (its columns moved right by ``b``) as the sweeps pass
+it, so that a step reads one strip's rows (``b x 3b``) and one ``b x b`` block in each of
+the three strips that hold its columns, without masking half of two strips.
 
 The reflectors of a group of ``b`` sweeps at the same depth ``k`` (the ``k``-th step of
 each sweep) overlap in rows ``[I + 1 + kb, I + kb + 2b)``; their product is one compact
@@ -59,11 +65,10 @@ class ChaseGroup:
 
     def apply(self, z: np.ndarray) -> None:
         """``z <- Q_group z`` in place (``z`` has at least ``first + depths b + 2b`` rows)."""
-        blocks = self.blocks(self.v)
-        b = self.v.shape[1]
+        blocks, b = self.blocks(self.v), self.v.shape[1]
         for k in range(self.v.shape[0]):
             rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b]
-            rows -= blocks[k] @ (self.t[k] @ (blocks[k].T @ rows))
+            rows -= (blocks[k] @ self.t[k]) @ (blocks[k].T @ rows)  # T_k alone: a slow gemm
 
 
 def _depths(n: int, b: int) -> int:
@@ -137,8 +142,15 @@ def _group_program(n: int, b: int, dtype: str) -> Callable:
         taus = jnp.zeros((depths, b), strips.dtype)
         body = functools.partial(sweep, start=start, steps=steps)
         strips, vs, taus = jax.lax.fori_loop(0, b, body, (strips, vs, taus))
-        # every row has joined the strip above: back to the strips that start at multiples of b
-        strips = jnp.concatenate([strips[:, b:], jnp.zeros_like(strips[:, :b])], axis=1)
+
+        # every row has joined the strip above: back to the strips that start at multiples of
+        # b, a strip at a time (in place; a shift of the whole array would copy it)
+        def back(k: jax.Array, strips: jax.Array) -> jax.Array:
+            rows = jax.lax.dynamic_slice_in_dim(strips, k * b, b)
+            rows = jnp.concatenate([rows[:, b:], jnp.zeros_like(rows[:, :b])], axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(strips, rows, k * b, axis=0)
+
+        strips = jax.lax.fori_loop(0, strips.shape[0] // b, back, strips)
         return strips, vs, taus
 
     return jax.jit(group, donate_argnums=0)
@@ -166,6 +178,11 @@ def _diagonals(strips: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return d, e
 
 
+def _group(first: int, depths: int, v: jax.Array, tau: jax.Array) -> ChaseGroup:
+    v, tau = np.asarray(v)[:depths], np.asarray(tau)[:depths]
+    return ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
+
+
 def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[ChaseGroup]]:
     """Diagonal and subdiagonal of ``Q^T B Q`` for the band matrix ``ab`` (LAPACK's lower
     band storage), and ``Q``'s reflectors as :class:`ChaseGroup` s, first to last.
@@ -181,11 +198,16 @@ def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[Cha
         strips = jax.device_put(strips.reshape(-1, WIDTH * b))  # the host copy goes
         if b > 1:
             program = _group_program(n, b, ab.dtype.name)
+            last = None
             for first in range(0, max(n - 2, 0), b):
                 start, steps = _sweeps(n, b, first)
+                # dispatched, not awaited: the sweeps run while the caller keeps the last group
                 strips, v, tau = program(strips, jnp.asarray(start), jnp.asarray(steps))
-                v, tau = np.asarray(v[: steps[0]]), np.asarray(tau[: steps[0]])
-                yield ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
+                if last is not None:
+                    yield _group(*last)
+                last = (first, int(steps[0]), v, tau)
+            if last is not None:
+                yield _group(*last)
         d[:], e[:] = _diagonals(np.asarray(strips).reshape(-1, b, WIDTH * b), n)
 
     return d, e, groups()

@@ -14,7 +14,7 @@
 4. Each chunk ``Z`` becomes ``Q1 Q2 Z`` (stage two's blocks, ``~4 N^2`` flops a column,
    then stage one's, ``2 N^2``) and is written as one part of the eigenvectors.
 
-Memory: a panel of the band reduction, the band in strips (``5 N b`` numbers) and one
+Memory: a panel of the band reduction, the band in strips (``6 N b`` numbers) and one
 chunk of columns (counted twice: the chunk, and as much again for stein's output, the
 reflectors' temporaries and the tile copies of its write). Disk: a copy of the
 matrix, the reflectors (about one matrix) and the parts.
@@ -161,9 +161,9 @@ class _Reflectors:
         z = z[:n]
         for p in reversed(range(len(self.firsts["panel"]))):  # Q1 = Q_0 Q_1 ...: last first
             first, v, t = self._read("panel", p)
-            y = t @ (v.T @ z[first:])
+            w, vt = v.T @ z[first:], v @ t  # as for stage two, no gemm with T alone
             for r in range(0, n - first, _SLAB):  # no temporary as large as the chunk
-                z[first + r : first + r + _SLAB] -= v[r : r + _SLAB] @ y
+                z[first + r : first + r + _SLAB] -= vt[r : r + _SLAB] @ w
         return z
 
 
@@ -178,7 +178,7 @@ def _parts(
 ) -> list[tl.Tiled]:
     """Eigenvectors a chunk of columns at a time, each call's checked against the last's."""
     n, itemsize = len(d), d.dtype.itemsize
-    fixed = (3 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group, a panel
+    fixed = (4 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group (v, t, blocks), a panel
     width = max(1, (memory_bound - fixed) // (CHUNK_COPIES * (n + 3 * b) * itemsize))
     calls = stein_calls(w, int(min(n, width, STEIN_COLUMNS)))
     limit = 1e3 * math.sqrt(n) * float(np.finfo(d.dtype).eps)
