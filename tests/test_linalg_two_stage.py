@@ -71,6 +71,7 @@ def test_stein_calls_end_at_every_safe_gap_and_split_clusters_at_gaps():
     assert all(0 < hi - lo <= 8 for lo, hi in zip(bounds, bounds[1:], strict=False))
     assert bounds == [*two_stage.chunk_bounds(first, 8), 17]
     assert len(bounds) == 4  # 0, inside the first cluster, between the clusters, the end
+    assert two_stage.stein_calls(np.zeros(20), 8) == two_stage.chunk_bounds(np.zeros(20), 8)
 
 
 SPECTRA = {

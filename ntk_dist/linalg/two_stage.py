@@ -6,8 +6,8 @@
    reflectors go to disk in compact WY blocks, a group of sweeps at a time.
 3. The tridiagonal matrix's eigenvalues (dqds), then its eigenvectors by inverse iteration
    (LAPACK's stein) a chunk of columns at a time, as many as the memory bound holds, in
-   calls that end at every gap of at least ``SAFE_GAP`` times the spectral radius and
-   inside wider clusters after at most ``STEIN_COLUMNS``, where the spectrum has its
+   calls that end at every gap wider than ``SAFE_GAP`` times the spectral radius and
+   inside longer clusters after at most ``STEIN_COLUMNS``, where the spectrum has its
    widest relative gap; the vectors either side of each call's end are checked for
    orthogonality (those of separate calls are not orthogonalised against each other,
    which matters inside a tight cluster).
@@ -73,11 +73,11 @@ def chunk_bounds(w: np.ndarray, width: int) -> list[int]:
 
 def stein_calls(w: np.ndarray, width: int) -> list[int]:
     """Boundaries of the calls of stein for the ascending eigenvalues ``w``: at every gap
-    of at least ``SAFE_GAP`` times the spectral radius, and by :func:`chunk_bounds` inside
-    runs longer than ``width`` without one."""
+    wider than ``SAFE_GAP`` times the spectral radius (none if it is 0), and by
+    :func:`chunk_bounds` inside runs longer than ``width`` without one."""
     n = len(w)
     scale = float(np.abs(w).max()) if n else 0.0
-    safe = [0, *(np.flatnonzero(np.diff(w) >= SAFE_GAP * scale) + 1).tolist(), n]
+    safe = [0, *(np.flatnonzero(np.diff(w) > SAFE_GAP * scale) + 1).tolist(), n]
     bounds = [0]
     for lo, hi in zip(safe[:-1], safe[1:], strict=True):
         bounds += [lo + j for j in chunk_bounds(w[lo:hi], width)[1:]]
