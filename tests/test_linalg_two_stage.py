@@ -145,6 +145,23 @@ def test_gapless_blocks_go_two_stage(tmp_path, spectrum):
     check(a, w, v)
 
 
+@pytest.mark.parametrize("bulk, first", [("flat", "reflector"), ("spread", "two-stage")])
+def test_outliers_split_off_only_over_a_flat_bulk(tmp_path, bulk, first):
+    # 8 outliers over a bulk at 1 (what remains is 1 * I: done at once) or spread over
+    # [1, 2] (what remains would need a two-stage eigh anyway: the whole block goes)
+    n = 400
+    rest = np.ones(n - 8) if bulk == "flat" else np.linspace(1.0, 2.0, n - 8)
+    a = clustered(n, np.concatenate([rest, 100.0 + np.arange(8.0)]), seed=4)
+    scratch = tmp_path / "scratch"
+    methods, seen = split_methods(scratch)
+    bound = int(HOST_LEAF_COPIES * 150 * 150 * 8)
+    w, v = divide_and_conquer_eigh(
+        lambda r, c: a[r, c], n, np.float64, 64, bound, scratch_dir=str(scratch), progress=seen
+    )
+    assert methods[0] == first
+    check(a, w, v)
+
+
 def test_a_cluster_wider_than_a_chunk_takes_qdwh_from_the_exact_spectrum(tmp_path):
     # 200 eigenvalues within 1e-12 of each other, chunks of ~40 columns: stein's vectors
     # of separate chunks are not orthogonal there, so the block falls back to QDWH's split

@@ -531,6 +531,15 @@ def _subspace_group(mu: np.ndarray, most: int) -> tuple[float, int, bool]:
     return best
 
 
+def _flat_beside_outliers(ctx: _Context, mu: np.ndarray, n: int) -> bool:
+    """Whether the sampled spectrum ``mu`` has outliers that subspace iteration splits
+    off (:func:`_subspace_group`) and the rest of it is flat (within ``tol |A|_F``): the
+    remaining block is then a multiple of the identity, done at once."""
+    rate, s, small_above = _subspace_group(mu, min(ctx.reflector_columns(n), n - 1) - 2)
+    rest = mu[: len(mu) - s] if small_above else mu[s:]
+    return rate <= _SUBSPACE_MAX_RATE and float(rest[-1] - rest[0]) <= ctx.tol * ctx.scale
+
+
 def _subspace_basis(
     ctx: _Context, a: tl.Tiled, mu: np.ndarray, seed: int
 ) -> tuple[np.ndarray, bool] | None:
@@ -693,9 +702,11 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     """Find and store an accepted split of block ``name``: its method and both sub-blocks.
 
     First a few outlying eigenvalues by subspace iteration (:func:`_subspace_basis`) and
-    a block reflector. Else QDWH's polar factor at each split point, from the exact
-    spectrum (:func:`~ntk_dist.linalg.band.band_eigenvalues`, passed on to the children)
-    when the tile kernels run on the host, else from the sample's estimates (on a device
+    a block reflector; where two-stage blocks are allowed, only if the rest of the sampled
+    spectrum is flat, else the whole block goes two-stage. Else QDWH's polar factor at
+    each split point, from the exact spectrum
+    (:func:`~ntk_dist.linalg.band.band_eigenvalues`, passed on to the children) when the
+    tile kernels run on the host, else from the sample's estimates (on a device
     QDWH's flops cost less than the host's band reduction): the block-reflector split
     when the smaller side fits :meth:`_Context.reflector_columns`, else (or if it fails
     its check) bases of both sides.
@@ -703,6 +714,10 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     n = a.rows
     exact = _known_spectrum(ctx, name)
     mu = exact if exact is not None else _sample_spectrum(a, ctx.memory_bound)
+    if ctx.two_stage and exact is None and not _flat_beside_outliers(ctx, mu, n):
+        # what the outliers leave would need a two-stage eigh of nearly the same size
+        # anyway, and their block reflector on top of it: the whole block at once instead
+        return _accept(ctx, name, {"method": "two-stage"}, None)
     found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
