@@ -170,6 +170,7 @@ def _to_strips(ab: np.ndarray) -> np.ndarray:
 
 
 def _diagonals(strips: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Diagonal and subdiagonal of the band held in strips that start at multiples of b."""
     b = strips.shape[1]
     rows = np.arange(n) + 2 * b
     strip, within = rows // b, rows % b

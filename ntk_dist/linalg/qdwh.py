@@ -5,7 +5,9 @@ For a symmetric ``A`` too large for the in-core eigh (Nakatsukasa & Higham 2013)
 1. if a few eigenvalues at one end of the spectrum of a sampled principal block (or of
    the block's exact spectrum, once known) lie far from the rest, their invariant
    subspace comes from subspace iteration (a few passes over ``A``) and the split from
-   one block reflector (step 3), with no QDWH at all;
+   one block reflector (step 3), with no QDWH at all (where two-stage blocks are
+   allowed, only if the rest of the sampled spectrum is flat: what remains is then a
+   multiple of the identity);
 2. otherwise, with host tile kernels and this process as the runner, the block is
    decomposed by two-stage tridiagonalisation (:mod:`ntk_dist.linalg.two_stage`, ~5 N^3
    flops as LAPACK's; recorded as the split method ``"two-stage"``) unless its
@@ -714,15 +716,16 @@ def _split(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth: in
     n = a.rows
     exact = _known_spectrum(ctx, name)
     mu = exact if exact is not None else _sample_spectrum(a, ctx.memory_bound)
-    if ctx.two_stage and exact is None and not _flat_beside_outliers(ctx, mu, n):
-        # what the outliers leave would need a two-stage eigh of nearly the same size
-        # anyway, and their block reflector on top of it: the whole block at once instead
-        return _accept(ctx, name, {"method": "two-stage"}, None)
-    found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
+    two_stage_block = ctx.two_stage and exact is None
+    # with two-stage blocks, outliers over a spread bulk are not split off: what they leave
+    # would need a two-stage eigh of nearly the same size, and their reflector on top
+    found = None
+    if not two_stage_block or _flat_beside_outliers(ctx, mu, n):
+        found = _subspace_basis(ctx, a, mu, 4 * depth * 16 + 3)
     info = None if found is None else _reflector_split(ctx, name, a, *found)
     if info is not None:
         return _accept(ctx, name, {**info, "basis": "subspace iteration"}, exact)
-    if ctx.two_stage and exact is None:
+    if two_stage_block:
         return _accept(ctx, name, {"method": "two-stage"}, None)
     if exact is None and ctx.device is None:
         width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
