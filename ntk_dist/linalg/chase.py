@@ -5,18 +5,22 @@ Sweep ``i`` annihilates column ``i`` below its subdiagonal with a reflector of l
 whose first column the next reflector, ``b`` rows further down, annihilates, and so on
 down the matrix (the "type 1/2" kernels of LAPACK's sb2st, one column at a time). Each
 step touches ``b`` rows and columns; as numpy calls it costs ~58 us (b = 64), so the
-whole loop runs as one XLA program per group of ``b`` sweeps (~17 us a step on a CPU
-core, where the band streams through the cache once a sweep; ``N^2 / 2b`` steps in all;
-compiled once per process and size).
+whole loop runs as one XLA program per group of ``b`` sweeps (~15 us a step on a CPU
+core, half of it moving the band through the cache once a sweep; ``N^2 / 2b`` steps in
+all; compiled once per process and size).
 
-The band lives in strips of ``b`` rows, stacked as one ``(rows, 6b)`` array, both
-triangles, wide enough for the fill; indices are shifted by ``2b`` so that the first
-strips need no special case. At the start of a group strip ``K`` holds rows
-``[Kb, Kb + b)`` at columns ``[(K - 2) b, (K + 4) b)``. The strips follow the sweeps' rows:
-for sweep ``s`` of the group (from 1) strip ``K`` holds rows ``[Kb + s, Kb + s + b)``,
-each row joining the strip above it (its columns moved right by ``b``) as the sweeps pass
-it, so that a step reads one strip's rows (``b x 3b``) and one ``b x b`` block in each of
-the three strips that hold its columns, without masking half of two strips.
+The band's lower triangle lives in strips of ``b`` rows, stacked as one ``(rows, 5b)``
+array, wide enough for the fill; indices are shifted by ``2b`` so that the first strips
+need no special case. At the start of a group strip ``K`` holds rows ``[Kb, Kb + b)`` at
+columns ``[(K - 2) b, (K + 3) b)``. The strips follow the sweeps' rows: for sweep ``s``
+of the group (from 1) strip ``K`` holds rows ``[Kb + s, Kb + s + b)``, each row joining
+the strip above it (its columns moved right by ``b``) as the sweeps pass it, so that a
+step reads one strip's rows (``b x 2b``: the last bulge and the diagonal block) and the
+``b x b`` block below, without masking half of two strips. Only the lower triangle is
+kept (the diagonal block's upper triangle is zero): the step applies its reflector from
+the left to the bulge, from both sides to the diagonal block (``D v = L v + L^T v -
+diag(L) v``) and from the right to the block below (14 ``b^2`` flops; both triangles
+took 24).
 
 The reflectors of a group of ``b`` sweeps at the same depth ``k`` (the ``k``-th step of
 each sweep) overlap in rows ``[I + 1 + kb, I + kb + 2b)``; their product is one compact
@@ -40,35 +44,36 @@ from ntk_dist.linalg.band import compact_wy
 
 __all__ = ["WIDTH", "ChaseGroup", "apply_groups", "tridiagonalize"]
 
-WIDTH = 6  # a strip's width in bandwidths: its rows' band and fill, moved by up to b
+WIDTH = 5  # a strip's width in bandwidths: its rows' band and fill, moved by up to b
 
 
 @dataclass
 class ChaseGroup:
     """The reflectors of sweeps ``[first, first + b)``: at depth ``k`` (the ``k``-th step of
-    each sweep) sweep ``first + j``'s reflector ``I - tau[k, j] u u^T`` has
-    ``u = v[k, j]`` on rows ``first + 1 + k b + j`` onwards; together ``I - V_k t[k] V_k^T``
-    with ``V_k`` of shape ``(2b - 1, b)``."""
+    each sweep) sweep ``first + j``'s reflector ``I - tau u u^T`` has ``u`` on rows
+    ``first + 1 + k b + j`` onwards; together ``I - V_k T_k V_k^T`` with ``V_k = v[k]`` of
+    shape ``(2b - 1, b)`` (column ``j`` is ``u`` from row ``j``) and ``vt[k] = V_k T_k``
+    (formed once here: a gemm with ``T_k`` alone ran at half speed in every chunk)."""
 
     first: int
-    v: np.ndarray  # (depths, b, b)
-    t: np.ndarray  # (depths, b, b), upper triangular
-
-    @staticmethod
-    def blocks(v: np.ndarray) -> np.ndarray:
-        """The ``V_k`` (``(depths, 2b - 1, b)``): column ``j`` is ``v[k, j]`` from row ``j``."""
-        depths, b = v.shape[:2]
-        out = np.zeros((depths, 2 * b - 1, b), v.dtype)
-        j = np.arange(b)
-        out[:, j[:, None] + j[None, :], j[:, None]] = v
-        return out
+    v: np.ndarray  # (depths, 2b - 1, b)
+    vt: np.ndarray  # (depths, 2b - 1, b)
 
     def apply(self, z: np.ndarray) -> None:
         """``z <- Q_group z`` in place (``z`` has at least ``first + depths b + 2b`` rows)."""
-        blocks, b = self.blocks(self.v), self.v.shape[1]
+        b = self.v.shape[2]
         for k in range(self.v.shape[0]):
             rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b]
-            rows -= (blocks[k] @ self.t[k]) @ (blocks[k].T @ rows)  # T_k alone: a slow gemm
+            rows -= self.vt[k] @ (self.v[k].T @ rows)
+
+
+def _blocks(v: np.ndarray) -> np.ndarray:
+    """The ``V_k`` (``(depths, 2b - 1, b)``) of the reflectors ``v[k, j]`` (``(depths, b, b)``)."""
+    depths, b = v.shape[:2]
+    out = np.zeros((depths, 2 * b - 1, b), v.dtype)
+    j = np.arange(b)
+    out[:, j[:, None] + j[None, :], j[:, None]] = v
+    return out
 
 
 def _depths(n: int, b: int) -> int:
@@ -113,18 +118,26 @@ def _group_program(n: int, b: int, dtype: str) -> Callable:
     def step(d: jax.Array, carry: tuple, j: jax.Array, start: jax.Array) -> tuple:
         strips, vs, taus = carry
         s, pg = j + 1, start + d * b  # this sweep's strips start at rows = s mod b
-        # rows [pg, pg + b), columns [pg - b, pg + 2b): all that they hold
-        top = jax.lax.dynamic_slice(strips, _at(pg, s + b), (b, 3 * b))
+        # rows [pg, pg + b), columns [pg - b, pg + b): the bulge and the diagonal block
+        top = jax.lax.dynamic_slice(strips, _at(pg, s + b), (b, 2 * b))
         col = jnp.where(d == 0, b - 1, 0)  # column i of sweep i, else the last bulge's first
         v, tau = _reflector(jax.lax.dynamic_index_in_dim(top, col, axis=1, keepdims=False))
-        top = top - tau * jnp.outer(v, v @ top)
-        strips = jax.lax.dynamic_update_slice(strips, top, _at(pg, s + b))
-        # columns [pg, pg + b) of rows [pg - b, pg + 2b), read after the write above: a
-        # write computed from a read elsewhere in the same array makes XLA copy it whole
-        for row, offset in ((pg - b, s + 3 * b), (pg, s + 2 * b), (pg + b, s + b)):
-            cols = jax.lax.dynamic_slice(strips, _at(row, offset), (b, b))
-            cols = cols - tau * jnp.outer(cols @ v, v)
-            strips = jax.lax.dynamic_update_slice(strips, cols, _at(row, offset))
+        # the diagonal block is kept lower triangular (zeros above): D v = L v + L^T v - diag
+        lower, diag = jnp.tri(b, dtype=bool), top[:, b:]
+        vtop = v @ top
+        w = tau * (diag @ v + vtop[b:] - jnp.diagonal(diag) * v)
+        w = w - (0.5 * tau * (v @ w)) * v
+        bulge = top[:, :b] - tau * jnp.outer(v, vtop[:b])
+        diag = jnp.where(lower, diag - jnp.outer(v, w) - jnp.outer(w, v), 0.0)
+        strips = jax.lax.dynamic_update_slice(
+            strips, jnp.concatenate([bulge, diag], axis=1), _at(pg, s + b)
+        )
+        # rows [pg + b, pg + 2b), columns [pg, pg + b): the reflector from the right makes
+        # the next bulge (read after the write above: a write computed from a read elsewhere
+        # in the same array makes XLA copy it whole)
+        below = jax.lax.dynamic_slice(strips, _at(pg + b, s + b), (b, b))
+        below = below - tau * jnp.outer(below @ v, v)
+        strips = jax.lax.dynamic_update_slice(strips, below, _at(pg + b, s + b))
         return strips, vs.at[d, j].set(v), taus.at[d, j].set(tau)
 
     def sweep(j: jax.Array, carry: tuple, start: jax.Array, steps: jax.Array) -> tuple:
@@ -163,9 +176,8 @@ def _to_strips(ab: np.ndarray) -> np.ndarray:
     strips = np.zeros((count, b, WIDTH * b), ab.dtype)
     for d in range(b + 1):
         cols = np.arange(n - d)
-        for r, c in ((cols + d, cols), (cols, cols + d)):
-            rg, cg = r + 2 * b, c + 2 * b
-            strips[rg // b, rg % b, cg - (rg // b - 2) * b] = ab[d, cols]
+        rg, cg = cols + d + 2 * b, cols + 2 * b
+        strips[rg // b, rg % b, cg - (rg // b - 2) * b] = ab[d, cols]
     return strips
 
 
@@ -180,8 +192,8 @@ def _diagonals(strips: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _group(first: int, depths: int, v: jax.Array, tau: jax.Array) -> ChaseGroup:
-    v, tau = np.asarray(v)[:depths], np.asarray(tau)[:depths]
-    return ChaseGroup(first, v, compact_wy(ChaseGroup.blocks(v), tau))
+    blocks = _blocks(np.asarray(v)[:depths])
+    return ChaseGroup(first, blocks, blocks @ compact_wy(blocks, np.asarray(tau)[:depths]))
 
 
 def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[ChaseGroup]]:

@@ -128,7 +128,7 @@ def two_stage_eigh(
 
 class _Reflectors:
     """Both stages' reflectors in ``folder`` as plain ``.npy`` files (read once per chunk):
-    stage one's panels ``(first row, V, T)``, stage two's groups ``(first sweep, v, t)``."""
+    stage one's panels ``(first row, V, V T)``, stage two's groups ``(first sweep, V, V T)``."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -137,21 +137,22 @@ class _Reflectors:
     def _path(self, kind: str, i: int, what: str) -> str:
         return os.path.join(self.folder, f"{kind}-{i}.{what}.npy")
 
-    def _keep(self, kind: str, first: int, v: np.ndarray, t: np.ndarray) -> None:
+    def _keep(self, kind: str, first: int, v: np.ndarray, vt: np.ndarray) -> None:
         i = len(self.firsts[kind])
         np.save(self._path(kind, i, "v"), v)
-        np.save(self._path(kind, i, "t"), t)
+        np.save(self._path(kind, i, "vt"), vt)
         self.firsts[kind].append(first)
 
     def _read(self, kind: str, i: int) -> tuple[int, np.ndarray, np.ndarray]:
         first = self.firsts[kind][i]
-        return first, np.load(self._path(kind, i, "v")), np.load(self._path(kind, i, "t"))
+        return first, np.load(self._path(kind, i, "v")), np.load(self._path(kind, i, "vt"))
 
     def keep_panel(self, reflector: tuple[int, np.ndarray, np.ndarray]) -> None:
-        self._keep("panel", *reflector)
+        first, v, t = reflector
+        self._keep("panel", first, v, v @ t)  # once, not once a chunk
 
     def keep_group(self, group: chase.ChaseGroup) -> None:
-        self._keep("group", group.first, group.v, group.t)
+        self._keep("group", group.first, group.v, group.vt)
 
     def apply(self, z: np.ndarray, n: int) -> np.ndarray:
         """``Q1 Q2 z`` in place; ``z`` has zero rows below the first ``n`` (the chase's
@@ -160,8 +161,8 @@ class _Reflectors:
         chase.apply_groups(z, lambda g: chase.ChaseGroup(*self._read("group", g)), groups)
         z = z[:n]
         for p in reversed(range(len(self.firsts["panel"]))):  # Q1 = Q_0 Q_1 ...: last first
-            first, v, t = self._read("panel", p)
-            w, vt = v.T @ z[first:], v @ t  # as for stage two, no gemm with T alone
+            first, v, vt = self._read("panel", p)
+            w = v.T @ z[first:]
             for r in range(0, n - first, _SLAB):  # no temporary as large as the chunk
                 z[first + r : first + r + _SLAB] -= vt[r : r + _SLAB] @ w
         return z
@@ -178,7 +179,7 @@ def _parts(
 ) -> list[tl.Tiled]:
     """Eigenvectors a chunk of columns at a time, each call's checked against the last's."""
     n, itemsize = len(d), d.dtype.itemsize
-    fixed = (4 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group (v, t, blocks), a panel
+    fixed = (4 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group (V, V T), a panel
     width = max(1, (memory_bound - fixed) // (CHUNK_COPIES * (n + 3 * b) * itemsize))
     calls = stein_calls(w, int(min(n, width, STEIN_COLUMNS)))
     limit = 1e3 * math.sqrt(n) * float(np.finfo(d.dtype).eps)
