@@ -88,5 +88,5 @@ def test_gapless_spectra_take_one_split_into_two_leaves(tmp_path, spectrum):
 def test_bandwidth_shrinks_to_fit_the_memory_bound():
     tiles = 3 * 64 * 64 * 8
     assert bandwidth_for(1000, 64, 8, 1 << 30) == BANDWIDTH
-    assert bandwidth_for(1000, 64, 8, tiles + 7 * 1000 * 8 * 10) == 10
+    assert bandwidth_for(1000, 64, 8, tiles + 8 * 1000 * 8 * 10) == 10  # 8 n x b arrays
     assert bandwidth_for(1000, 64, 8, tiles) == 1  # the least: a tridiagonal reduction

@@ -3,8 +3,11 @@
 Panel by panel (``BANDWIDTH`` columns), the Householder
 QR of the panel below the band gives a block reflector ``Q = I - V T V^T`` and the
 trailing matrix becomes ``Q^T A Q = A - W2 V^T - V W2^T`` with ``W = A V T`` and
-``W2 = W - V (T^T V^T W) / 2``: one pass over the trailing lower tiles for ``W``, one to
-update them (``4/3 N^3`` flops in all, with two ``n x b`` arrays and a tile in memory).
+``W2 = W - V (T^T V^T W) / 2`` (``4/3 N^3`` flops in all). One pass over the trailing
+lower tiles a panel, each tile read and written once: it applies the last panel's update
+and forms the next panel's ``W`` (that panel's columns are brought up to date from the
+``n x b`` arrays before the pass, so its reflector is known), with eight ``n x b`` arrays
+and a tile in memory.
 The band matrix (``(b + 1) x N`` numbers) then goes to LAPACK (``eig_banded``), whose
 eigenvalues are those of ``A`` to rounding (orthogonal similarity, backward stable).
 ``KernelOperator.eigvalsh`` of a stored kernel too large for memory uses it.
@@ -34,7 +37,7 @@ __all__ = [
 ]
 
 BANDWIDTH = 64  # wide enough for gemms, narrow enough for LAPACK's band eigensolver
-PANEL_COPIES = 7  # n x b arrays a panel holds: V, V T, W, then [W2 V] and [V W2]
+PANEL_COPIES = 8  # n x b arrays: the last [W2 V] and [V W2], then V, V T, W, the next columns
 TILE_COPIES = 3  # a tile, its product's temporary, the diagonal block
 
 
@@ -79,54 +82,68 @@ def _tile_span(i: int, tile: int, start: int, n: int) -> slice:
 Reflector = tuple[int, np.ndarray, np.ndarray]  # (first row c1, V, T): Q = I - V T V^T
 
 
-def _reduce_panel(
-    work: tl.Tiled, ab: np.ndarray, c0: int, c1: int, keep: Callable[[Reflector], None] | None
-) -> None:
-    """Reduce columns ``[c0, c1)`` to band form: store them in ``ab``, update the trailing
-    lower tiles of ``work`` (rows and columns from ``c1``) in place, pass the panel's
-    reflector to ``keep``. Only lower and diagonal tiles are read (the upper ones go
-    stale)."""
-    n, tile = work.rows, work.tile
-    diag = work.read_region(slice(c0, c1), slice(c0, c1))
-    for d in range(c1 - c0):
-        ab[d, c0 : c1 - d] = np.diagonal(diag, -d)
-    if n - c1 == 0:
-        return
-    panel = work.read_region(slice(c1, n), slice(c0, c1))
+def _band_of_panel(
+    ab: np.ndarray, cols: np.ndarray, c0: int, c1: int, keep: Callable[[Reflector], None] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Store columns ``[c0, c1)`` (``cols``: their rows from ``c0``, up to date) in ``ab``
+    as band form; return ``V, T`` of the reflector of their rows below ``c1`` (none if at
+    most one row is left: already within the band)."""
     w = c1 - c0
-    if n - c1 == 1:  # one row below: already within the band
+    for d in range(w):
+        ab[d, c0 : c1 - d] = np.diagonal(cols[:w], -d)
+    panel = cols[w:]
+    if len(panel) == 1:
         ab[w - np.arange(w), np.arange(c0, c1)] = panel[0]
-        return
+    if len(panel) <= 1:
+        return None
     v, t, r = panel_reflector(panel)
     if keep is not None:
         keep((c1, v, t))
     for p in range(r.shape[0]):  # R[p, q] is A[c1 + p, c0 + q], q >= p
         ab[w + p - np.arange(p, w), np.arange(c0 + p, c1)] = r[p, p:]
-    start = c1 // tile * tile  # the tiles from here hold the trailing matrix
-    vp = np.zeros((n - start, v.shape[1]), v.dtype)  # zero above c1: those rows stay
-    vp[c1 - start :] = v
-    vt = vp @ t
-    wp = np.zeros_like(vp)
-    first, last = c1 // tile, work.grid[0]
-    for i in range(first, last):
-        ri = _tile_span(i, tile, start, n)
+    return v, t
+
+
+def _pass(
+    work: tl.Tiled,
+    first: int,
+    update: tuple[int, np.ndarray, np.ndarray] | None,
+    product: tuple[int, np.ndarray] | None,
+    columns: tuple[int, int],
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """One pass over the lower tiles of ``work`` from tile row and column ``first``: apply
+    ``update`` (``(start, L, R)``: ``A -= L R^T`` on rows and columns from ``start``) and
+    write each tile back; with the updated tile, accumulate ``W = A (V T)`` for
+    ``product`` (``(start, V T)``, rows from ``start``) and copy out rows ``[e0, n)`` of
+    ``columns = [e0, e1)`` (entries in upper tiles stay zero: only the lower triangle of
+    the diagonal block is used)."""
+    n, tile = work.rows, work.tile
+    e0, e1 = columns
+    out = np.zeros((n - e0, e1 - e0), work.dtype)
+    w = None if product is None else np.zeros_like(product[1])
+    for i in range(first, work.grid[0]):
+        rows = _tile_span(i, tile, 0, n)
         for j in range(first, i + 1):
-            rj = _tile_span(j, tile, start, n)
-            a = work.read_tiles([(i, j)])[0][: ri.stop - ri.start, : rj.stop - rj.start]
-            wp[ri] += a @ vt[rj]
-            if i != j:
-                wp[rj] += a.T @ vt[ri]
-    wp[: c1 - start] = 0
-    wp -= vp @ (t.T @ (vp.T @ wp)) / 2
-    left, right = np.hstack([wp, vp]), np.hstack([vp, wp])  # W2 V^T + V W2^T: one gemm
-    del vp, vt, wp
-    for i in range(first, last):
-        ri = _tile_span(i, tile, start, n)
-        for j in range(first, i + 1):
-            rj = _tile_span(j, tile, start, n)
+            cols = _tile_span(j, tile, 0, n)
             a = work.read_tiles([(i, j)])[0]
-            a[: ri.stop - ri.start, : rj.stop - rj.start] -= left[ri] @ right[rj].T
-            work.write_tiles([(i, j)], [a])
+            if update is not None:
+                start, left, right = update
+                ri, rj = _tile_span(i, tile, start, n), _tile_span(j, tile, start, n)
+                a[: ri.stop - ri.start, : rj.stop - rj.start] -= left[ri] @ right[rj].T
+                work.write_tiles([(i, j)], [a])
+            a = a[: rows.stop - rows.start, : cols.stop - cols.start]
+            if product is not None and cols.stop > product[0]:  # V is zero above its start
+                start, vt = product
+                ri, rj = _tile_span(i, tile, start, n), _tile_span(j, tile, start, n)
+                w[ri] += a @ vt[rj]
+                if i != j:
+                    w[rj] += a.T @ vt[ri]
+            r0, c0, c1 = max(rows.start, e0), max(cols.start, e0), min(cols.stop, e1)
+            if c0 < c1 and r0 < rows.stop:
+                out[r0 - e0 : rows.stop - e0, c0 - e0 : c1 - e0] = a[
+                    r0 - rows.start :, c0 - cols.start : c1 - cols.start
+                ]
+    return w, out
 
 
 def reduce_to_band(
@@ -135,10 +152,42 @@ def reduce_to_band(
     """The band form ``Q^T A Q`` of the symmetric tiled ``matrix`` (reduced in place; only
     its lower and diagonal tiles are read) in LAPACK's lower band storage
     (``(bandwidth + 1) x N``). ``keep`` receives each panel's reflector, in order:
-    ``Q = Q_0 Q_1 ...``."""
-    ab = np.zeros((bandwidth + 1, matrix.rows), matrix.dtype)
-    for c0 in range(0, matrix.rows, bandwidth):  # equal widths: each R lies in the next panel
-        _reduce_panel(matrix, ab, c0, min(matrix.rows, c0 + bandwidth), keep)
+    ``Q = Q_0 Q_1 ...``.
+
+    Each pass over the tiles applies one panel's update and, with the same tiles, forms
+    the next panel's ``W``: the next panel's columns are brought up to date first from
+    the ``n x b`` arrays alone (they were copied out in the pass before), so their
+    reflector is known before the pass. One read and one write of each trailing tile a
+    panel (not two reads, a write and a read of the panel's tile column)."""
+    n, tile = matrix.rows, matrix.tile
+    ab = np.zeros((bandwidth + 1, n), matrix.dtype)
+    c0, c1 = 0, min(n, bandwidth)  # equal widths: each R lies in the next panel
+    cols = matrix.read_region(slice(0, n), slice(0, c1))
+    update = None  # the last panel's (start, L, R): applied to ``cols``, not yet to the tiles
+    while c1 < n:
+        reflector = _band_of_panel(ab, cols, c0, c1, keep)
+        del cols  # the pass makes the next panel's
+        start, product = c1 // tile * tile, None  # rows from a tile's first: whole tiles
+        if reflector is not None:
+            v, t = reflector
+            vp = np.zeros((n - start, v.shape[1]), v.dtype)  # zero above c1: those rows stay
+            vp[c1 - start :] = v
+            product = (start, vp @ t)
+            del reflector, v
+        c2 = min(n, c1 + bandwidth)
+        first = (update[0] if update is not None else c1) // tile
+        w, cols = _pass(matrix, first, update, product, (c1, c2))
+        update = None
+        if product is not None:
+            del product
+            w[: c1 - start] = 0
+            w -= vp @ (t.T @ (vp.T @ w)) / 2
+            left, right = np.hstack([w, vp]), np.hstack([vp, w])  # W2 V^T + V W2^T: one gemm
+            del vp, w
+            cols -= left[c1 - start :] @ right[c1 - start : c2 - start].T
+            update = (start, left, right)
+        c0, c1 = c1, c2
+    _band_of_panel(ab, cols, c0, c1, keep)
     return ab
 
 
