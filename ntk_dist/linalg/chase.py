@@ -40,8 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_dist.linalg.band import compact_wy
-
 __all__ = ["WIDTH", "ChaseGroup", "apply_groups", "tridiagonalize"]
 
 WIDTH = 5  # a strip's width in bandwidths: its rows' band and fill, moved by up to b
@@ -53,7 +51,8 @@ class ChaseGroup:
     each sweep) sweep ``first + j``'s reflector ``I - tau u u^T`` has ``u`` on rows
     ``first + 1 + k b + j`` onwards; together ``I - V_k T_k V_k^T`` with ``V_k = v[k]`` of
     shape ``(2b - 1, b)`` (column ``j`` is ``u`` from row ``j``) and ``vt[k] = V_k T_k``
-    (formed once here: a gemm with ``T_k`` alone ran at half speed in every chunk)."""
+    (formed once, by the compiled sweeps: a gemm with ``T_k`` alone ran at half speed in
+    every chunk)."""
 
     first: int
     v: np.ndarray  # (depths, 2b - 1, b)
@@ -65,15 +64,6 @@ class ChaseGroup:
         for k in range(self.v.shape[0]):
             rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b]
             rows -= self.vt[k] @ (self.v[k].T @ rows)
-
-
-def _blocks(v: np.ndarray) -> np.ndarray:
-    """The ``V_k`` (``(depths, 2b - 1, b)``) of the reflectors ``v[k, j]`` (``(depths, b, b)``)."""
-    depths, b = v.shape[:2]
-    out = np.zeros((depths, 2 * b - 1, b), v.dtype)
-    j = np.arange(b)
-    out[:, j[:, None] + j[None, :], j[:, None]] = v
-    return out
 
 
 def _depths(n: int, b: int) -> int:
@@ -108,15 +98,36 @@ def _reflector(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return v, jnp.where(active, (beta - alpha) / beta, 0.0)
 
 
+def _compact_t(gram: jax.Array, taus: jax.Array) -> jax.Array:
+    """``T`` (batched, upper triangular) with ``H_1 ... H_m = I - V T V^T`` from ``V^T V``
+    and the ``tau``: halves recursively, ``T_12 = -T_1 (V_1^T V_2) T_2``."""
+    m = taus.shape[-1]
+    if m == 1:
+        return taus[..., None]
+    h = m // 2
+    t1, t2 = _compact_t(gram[:, :h, :h], taus[:, :h]), _compact_t(gram[:, h:, h:], taus[:, h:])
+    t12 = -(t1 @ gram[:, :h, h:]) @ t2
+    return jnp.concatenate(
+        [jnp.concatenate([t1, t12], 2), jnp.concatenate([jnp.zeros_like(t12.mT), t2], 2)], 1
+    )
+
+
+def _compact_wy(blocks: jax.Array, taus: jax.Array) -> jax.Array:
+    """``V_k T_k`` for each depth's ``V_k`` (``blocks[k]``) and ``taus[k]``. In the compiled
+    program: numpy's products (or XLA's triangular solve, which calls scipy's BLAS) would
+    wake OpenBLAS's threads, whose spinning afterwards took the core the sweeps run on."""
+    return blocks @ _compact_t(jnp.swapaxes(blocks, 1, 2) @ blocks, taus)
+
+
 @functools.lru_cache(maxsize=8)
 def _group_program(n: int, b: int, dtype: str) -> Callable:
-    """The compiled sweeps of one group: ``(strips, start, steps) -> (strips, v, tau)``
-    with each sweep's first row and number of steps, each step's reflector at
-    ``[depth, sweep]``."""
+    """The compiled sweeps of one group: ``(strips, start, steps) -> (strips, V, V T)``
+    with each sweep's first row and number of steps (the blocks of :class:`ChaseGroup`,
+    for the greatest number of steps)."""
     depths = _depths(n, b)
 
     def step(d: jax.Array, carry: tuple, j: jax.Array, start: jax.Array) -> tuple:
-        strips, vs, taus = carry
+        strips, blocks, taus = carry
         s, pg = j + 1, start + d * b  # this sweep's strips start at rows = s mod b
         # rows [pg, pg + b), columns [pg - b, pg + b): the bulge and the diagonal block
         top = jax.lax.dynamic_slice(strips, _at(pg, s + b), (b, 2 * b))
@@ -138,23 +149,24 @@ def _group_program(n: int, b: int, dtype: str) -> Callable:
         below = jax.lax.dynamic_slice(strips, _at(pg + b, s + b), (b, b))
         below = below - tau * jnp.outer(below @ v, v)
         strips = jax.lax.dynamic_update_slice(strips, below, _at(pg + b, s + b))
-        return strips, vs.at[d, j].set(v), taus.at[d, j].set(tau)
+        blocks = jax.lax.dynamic_update_slice(blocks, v[None, :, None], _at(d, j, j))
+        return strips, blocks, taus.at[d, j].set(tau)
 
     def sweep(j: jax.Array, carry: tuple, start: jax.Array, steps: jax.Array) -> tuple:
-        strips, vs, taus = carry
+        strips, blocks, taus = carry
         # row j of every strip joins the strip above it: its columns move right by b
         rows = strips.reshape(-1, b, WIDTH * b)
         moved = jax.lax.dynamic_index_in_dim(rows, j, axis=1)
         moved = jnp.concatenate([jnp.zeros_like(moved[..., :b]), moved[..., :-b]], axis=-1)
         strips = jax.lax.dynamic_update_index_in_dim(rows, moved, j, axis=1).reshape(strips.shape)
         body = functools.partial(step, j=j, start=start[j])
-        return jax.lax.fori_loop(0, steps[j], body, (strips, vs, taus))
+        return jax.lax.fori_loop(0, steps[j], body, (strips, blocks, taus))
 
     def group(strips: jax.Array, start: jax.Array, steps: jax.Array) -> tuple:
-        vs = jnp.zeros((depths, b, b), strips.dtype)
+        blocks = jnp.zeros((depths, 2 * b - 1, b), strips.dtype)  # the V_k
         taus = jnp.zeros((depths, b), strips.dtype)
         body = functools.partial(sweep, start=start, steps=steps)
-        strips, vs, taus = jax.lax.fori_loop(0, b, body, (strips, vs, taus))
+        strips, blocks, taus = jax.lax.fori_loop(0, b, body, (strips, blocks, taus))
 
         # every row has joined the strip above: back to the strips that start at multiples of
         # b, a strip at a time (in place; a shift of the whole array would copy it)
@@ -164,7 +176,7 @@ def _group_program(n: int, b: int, dtype: str) -> Callable:
             return jax.lax.dynamic_update_slice_in_dim(strips, rows, k * b, axis=0)
 
         strips = jax.lax.fori_loop(0, strips.shape[0] // b, back, strips)
-        return strips, vs, taus
+        return strips, blocks, _compact_wy(blocks, taus)
 
     return jax.jit(group, donate_argnums=0)
 
@@ -191,9 +203,8 @@ def _diagonals(strips: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return d, e
 
 
-def _group(first: int, depths: int, v: jax.Array, tau: jax.Array) -> ChaseGroup:
-    blocks = _blocks(np.asarray(v)[:depths])
-    return ChaseGroup(first, blocks, blocks @ compact_wy(blocks, np.asarray(tau)[:depths]))
+def _group(first: int, depths: int, v: jax.Array, vt: jax.Array) -> ChaseGroup:
+    return ChaseGroup(first, np.asarray(v)[:depths], np.asarray(vt)[:depths])
 
 
 def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[ChaseGroup]]:
@@ -215,10 +226,10 @@ def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[Cha
             for first in range(0, max(n - 2, 0), b):
                 start, steps = _sweeps(n, b, first)
                 # dispatched, not awaited: the sweeps run while the caller keeps the last group
-                strips, v, tau = program(strips, jnp.asarray(start), jnp.asarray(steps))
+                strips, v, vt = program(strips, jnp.asarray(start), jnp.asarray(steps))
                 if last is not None:
                     yield _group(*last)
-                last = (first, int(steps[0]), v, tau)
+                last = (first, int(steps[0]), v, vt)
             if last is not None:
                 yield _group(*last)
         d[:], e[:] = _diagonals(np.asarray(strips).reshape(-1, b, WIDTH * b), n)
