@@ -80,7 +80,7 @@ def measure(tmp_path, bound, what):
 )
 def test_n2048_eigh_stays_under_the_bound(tmp_path, spectrum, bound):
     """Peak RSS growth <= bound + 12 MiB stated overhead (measured in all: 15.5-17.0 MiB
-    for the outliers, 23.6-23.8 MiB for the spread spectrum out of core; 49.5-53.3 MiB
+    for the outliers, 24.8 MiB for the spread spectrum out of core; 49.5-53.8 MiB
     in core on the host, whose eigenvector back-transformation holds V, half the block in
     reflectors and temporaries of 128 rows).
 
@@ -88,7 +88,8 @@ def test_n2048_eigh_stays_under_the_bound(tmp_path, spectrum, bound):
     panel of the other (a quarter of the bound each), a leaf 1.5 copies of its block;
     the two-stage path a panel of the band reduction (eight ``n x 64`` arrays and three
     tiles), then the band in strips (``5 n b`` numbers, on the host and in XLA's
-    buffer), then a chunk of eigenvectors twice; each of these phases peaks at 12-16 MiB.
+    buffer), then a chunk of eigenvectors and its work (``chunk_width``); each of these
+    phases peaks at 12-16 MiB.
     Above it: what stays allocated between the phases (tensorstore's buffers of the kernel
     reads and eigenvector writes, the eigenvalues, Python and JAX objects: about 6 MiB)
     and, where the tiled Cholesky runs (QDWH, subspace iteration), the buffers of scipy's own

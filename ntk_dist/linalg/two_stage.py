@@ -14,10 +14,11 @@
 4. Each chunk ``Z`` becomes ``Q1 Q2 Z`` (stage two's blocks, ``~4 N^2`` flops a column,
    then stage one's, ``2 N^2``) and is written as one part of the eigenvectors.
 
-Memory: a panel of the band reduction, the band in strips (``6 N b`` numbers) and one
-chunk of columns (counted twice: the chunk, and as much again for stein's output, the
-reflectors' temporaries and the tile copies of its write). Disk: a copy of the
-matrix, the reflectors (about one matrix) and the parts.
+Memory: a panel of the band reduction, the band in strips (``5 N b`` numbers) and one
+chunk of columns with what works on it (one group of stage two's reflectors and one
+panel of stage one's, stein's output of one call, the reflectors' temporaries, a tile of
+its write: :func:`chunk_width`). Disk: a copy of the matrix, the reflectors (about one
+matrix) and the parts.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ from ntk_dist.linalg import chase
 from ntk_dist.linalg import tiled as tl
 from ntk_dist.linalg.band import reduce_to_band
 
-__all__ = ["ChunksNotOrthogonalError", "chunk_bounds", "stein_calls", "two_stage_eigh"]
+__all__ = [
+    "ChunksNotOrthogonalError",
+    "chunk_bounds",
+    "chunk_width",
+    "stein_calls",
+    "two_stage_eigh",
+]
 
-CHUNK_COPIES = 2  # the padded chunk, and room as large for what works on it
 STEIN_COLUMNS = 64  # eigenvectors per call of stein, which orthogonalises each against
 # the others of its cluster in the call (O(columns^2 n)): short calls, each ending at a gap
 SAFE_GAP = 1e-4  # inverse iteration's vectors either side of a gap this wide (relative to
@@ -121,7 +127,7 @@ def two_stage_eigh(
         for group in groups:
             reflectors.keep_group(group)
         w = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False)
-        return _parts(d, e, w, reflectors, bandwidth, memory_bound, part), w
+        return _parts(d, e, w, reflectors, bandwidth, memory_bound, work.tile, part), w
     finally:
         shutil.rmtree(folder)
 
@@ -168,6 +174,18 @@ class _Reflectors:
         return z
 
 
+def chunk_width(n: int, b: int, tile: int, itemsize: int, memory_bound: int) -> int:
+    """Columns of eigenvectors made at once under ``memory_bound``: the chunk (``n + 3b``
+    rows) beside one group of stage two's blocks (``V`` and ``V T``, ``(2b - 1) x b`` a
+    depth) and one panel of stage one's (``n x b`` twice), and the largest of what works
+    on it: stein's output of one call, a padded tile of the write, and a block's
+    temporaries with stage one's slab product (``3b + _SLAB`` rows)."""
+    fixed = 4 * (n // b + 2) * b * b + 2 * n * b
+    room = max(n * min(n, STEIN_COLUMNS) + n * _CHECKED, tile * tile)
+    free = memory_bound // itemsize - fixed
+    return max(1, min((free - room) // (n + 3 * b), free // (n + 3 * b + 3 * b + _SLAB)))
+
+
 def _parts(
     d: np.ndarray,
     e: np.ndarray,
@@ -175,12 +193,12 @@ def _parts(
     reflectors: _Reflectors,
     b: int,
     memory_bound: int,
+    tile: int,
     part: Callable[[int, int], tl.Tiled],
 ) -> list[tl.Tiled]:
     """Eigenvectors a chunk of columns at a time, each call's checked against the last's."""
-    n, itemsize = len(d), d.dtype.itemsize
-    fixed = (4 * (n // b + 2) * b * b + 2 * n * b) * itemsize  # a group (V, V T), a panel
-    width = max(1, (memory_bound - fixed) // (CHUNK_COPIES * (n + 3 * b) * itemsize))
+    n = len(d)
+    width = chunk_width(n, b, tile, d.dtype.itemsize, memory_bound)
     calls = stein_calls(w, int(min(n, width, STEIN_COLUMNS)))
     limit = 1e3 * math.sqrt(n) * float(np.finfo(d.dtype).eps)
     parts, tail = [], np.zeros((n, 0), d.dtype)
