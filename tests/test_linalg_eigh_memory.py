@@ -128,7 +128,7 @@ def test_n2048_eigenvalues_alone_stay_under_the_bound(tmp_path):
     """Out of core by reduction to band form: a panel's n x 64 arrays (8 of them, 8 MiB:
     the last panel's update and the next one's product share a pass over the tiles) and
     three tiles (6 MiB) within the bound; the same overhead stated above (measured growth
-    14.0-15.2 MiB in all)."""
+    6.6-15.2 MiB in all)."""
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((N, N)))
     expected = np.linspace(1.0, 10.0, N)
     kernel = (q * expected) @ q.T

@@ -112,37 +112,38 @@ def _pass(
     columns: tuple[int, int],
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """One pass over the lower tiles of ``work`` from tile row and column ``first``: apply
-    ``update`` (``(start, L, R)``: ``A -= L R^T`` on rows and columns from ``start``) and
-    write each tile back; with the updated tile, accumulate ``W = A (V T)`` for
-    ``product`` (``(start, V T)``, rows from ``start``) and copy out rows ``[e0, n)`` of
-    ``columns = [e0, e1)`` (entries in upper tiles stay zero: only the lower triangle of
-    the diagonal block is used)."""
+    ``update`` (``(u, L, R)``: ``A -= L R^T`` on rows and columns from ``u``) and write each
+    tile back; with the updated tile, accumulate ``W = A (V T)`` for ``product``
+    (``(p, V T)``, rows from ``p``) and copy out rows ``[e0, n)`` of ``columns = [e0, e1)``
+    (entries in upper tiles stay zero: only the lower triangle of the diagonal block is
+    used). Products touch only the part of a tile at or after the rows they act on."""
     n, tile = work.rows, work.tile
     e0, e1 = columns
     out = np.zeros((n - e0, e1 - e0), work.dtype)
     w = None if product is None else np.zeros_like(product[1])
+    buffer = np.empty((1, tile, tile), work.dtype)
     for i in range(first, work.grid[0]):
-        rows = _tile_span(i, tile, 0, n)
+        r0, r1 = i * tile, min(n, (i + 1) * tile)
         for j in range(first, i + 1):
-            cols = _tile_span(j, tile, 0, n)
-            a = work.read_tiles([(i, j)])[0]
+            c0, c1 = j * tile, min(n, (j + 1) * tile)
+            a = work.read_tiles([(i, j)], buffer)[0]
             if update is not None:
-                start, left, right = update
-                ri, rj = _tile_span(i, tile, start, n), _tile_span(j, tile, start, n)
-                a[: ri.stop - ri.start, : rj.stop - rj.start] -= left[ri] @ right[rj].T
+                u, left, right = update
+                r, c = max(r0, u), max(c0, u)
+                a[r - r0 : r1 - r0, c - c0 : c1 - c0] -= (
+                    left[r - u : r1 - u] @ right[c - u : c1 - u].T
+                )
                 work.write_tiles([(i, j)], [a])
-            a = a[: rows.stop - rows.start, : cols.stop - cols.start]
-            if product is not None and cols.stop > product[0]:  # V is zero above its start
-                start, vt = product
-                ri, rj = _tile_span(i, tile, start, n), _tile_span(j, tile, start, n)
-                w[ri] += a @ vt[rj]
+            if product is not None and max(r0, c0) < n and c1 > product[0]:
+                p, vt = product
+                r, c = max(r0, p), max(c0, p)
+                block = a[r - r0 : r1 - r0, c - c0 : c1 - c0]
+                w[r - p : r1 - p] += block @ vt[c - p : c1 - p]
                 if i != j:
-                    w[rj] += a.T @ vt[ri]
-            r0, c0, c1 = max(rows.start, e0), max(cols.start, e0), min(cols.stop, e1)
-            if c0 < c1 and r0 < rows.stop:
-                out[r0 - e0 : rows.stop - e0, c0 - e0 : c1 - e0] = a[
-                    r0 - rows.start :, c0 - cols.start : c1 - cols.start
-                ]
+                    w[c - p : c1 - p] += block.T @ vt[r - p : r1 - p]
+            r, c, stop = max(r0, e0), max(c0, e0), min(c1, e1)
+            if c < stop and r < r1:
+                out[r - e0 : r1 - e0, c - e0 : stop - e0] = a[r - r0 : r1 - r0, c - c0 : stop - c0]
     return w, out
 
 
@@ -163,29 +164,23 @@ def reduce_to_band(
     ab = np.zeros((bandwidth + 1, n), matrix.dtype)
     c0, c1 = 0, min(n, bandwidth)  # equal widths: each R lies in the next panel
     cols = matrix.read_region(slice(0, n), slice(0, c1))
-    update = None  # the last panel's (start, L, R): applied to ``cols``, not yet to the tiles
+    update = None  # the last panel's (c1, L, R): applied to ``cols``, not yet to the tiles
     while c1 < n:
         reflector = _band_of_panel(ab, cols, c0, c1, keep)
         del cols  # the pass makes the next panel's
-        start, product = c1 // tile * tile, None  # rows from a tile's first: whole tiles
-        if reflector is not None:
-            v, t = reflector
-            vp = np.zeros((n - start, v.shape[1]), v.dtype)  # zero above c1: those rows stay
-            vp[c1 - start :] = v
-            product = (start, vp @ t)
-            del reflector, v
         c2 = min(n, c1 + bandwidth)
         first = (update[0] if update is not None else c1) // tile
+        product = None if reflector is None else (c1, reflector[0] @ reflector[1])
         w, cols = _pass(matrix, first, update, product, (c1, c2))
+        del update, product
         update = None
-        if product is not None:
-            del product
-            w[: c1 - start] = 0
-            w -= vp @ (t.T @ (vp.T @ w)) / 2
-            left, right = np.hstack([w, vp]), np.hstack([vp, w])  # W2 V^T + V W2^T: one gemm
-            del vp, w
-            cols -= left[c1 - start :] @ right[c1 - start : c2 - start].T
-            update = (start, left, right)
+        if reflector is not None:  # rows from c1
+            v, t = reflector
+            w -= v @ (t.T @ (v.T @ w)) / 2
+            left, right = np.hstack([w, v]), np.hstack([v, w])  # W2 V^T + V W2^T: one gemm
+            del reflector, v, w
+            cols -= left @ right[: c2 - c1].T
+            update = (c1, left, right)
         c0, c1 = c1, c2
     _band_of_panel(ab, cols, c0, c1, keep)
     return ab

@@ -107,10 +107,13 @@ class Tiled:
         return Tiled(self.path, self.rows, self.cols, self.tile, self.dtype, triangle)
 
     # ------------------------------------------------------------------ tiles
-    def read_tiles(self, index: Sequence[tuple[int, int]]) -> np.ndarray:
-        """Tiles ``(i, j)`` as one ``(len(index), b, b)`` array."""
+    def read_tiles(
+        self, index: Sequence[tuple[int, int]], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Tiles ``(i, j)`` as one ``(len(index), b, b)`` array (``out`` if given: a buffer
+        read into again and again costs no fresh pages)."""
         b, gc = self.tile, self.grid[1]
-        out = np.empty((len(index), b, b), self.dtype)
+        out = np.empty((len(index), b, b), self.dtype) if out is None else out
         with open(self.path, "rb", buffering=0) as f:
             fd, k = f.fileno(), 0
             while k < len(index):  # runs of consecutive tiles in one read each
