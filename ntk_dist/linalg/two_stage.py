@@ -202,12 +202,15 @@ def _parts(
     calls = stein_calls(w, int(min(n, width, STEIN_COLUMNS)))
     limit = 1e3 * math.sqrt(n) * float(np.finfo(d.dtype).eps)
     parts, tail = [], np.zeros((n, 0), d.dtype)
-    for j, (lo, hi) in enumerate(_chunks(calls, width)):
-        z = np.zeros((n + 3 * b, hi - lo), d.dtype)
+    chunks = _chunks(calls, width)
+    # one buffer for every chunk (fresh pages cost faults); its rows below n stay zero
+    buffer = np.zeros((n + 3 * b, max(hi - lo for lo, hi in chunks)), d.dtype)
+    for j, (lo, hi) in enumerate(chunks):
+        z = buffer[:, : hi - lo]
         for c0, c1 in zip(calls[:-1], calls[1:], strict=True):
             if lo <= c0 < hi:
                 z[:n, c0 - lo : c1 - lo] = _tridiagonal_vectors(d, e, w[c0:c1])
-                head = z[:n, c0 - lo : c0 - lo + _CHECKED]
+                head = z[:n, c0 - lo : min(c1, c0 + _CHECKED) - lo]
                 if tail.size and np.abs(tail.T @ head).max() > limit:
                     raise ChunksNotOrthogonalError(
                         f"eigenvectors {c0 - tail.shape[1]}..{c0 + head.shape[1]} of two calls "
