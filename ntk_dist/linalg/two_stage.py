@@ -178,10 +178,11 @@ def chunk_width(n: int, b: int, tile: int, itemsize: int, memory_bound: int) -> 
     """Columns of eigenvectors made at once under ``memory_bound``: the chunk (``n + 3b``
     rows) beside one group of stage two's blocks (``V`` and ``V T``, ``(2b - 1) x b`` a
     depth) and one panel of stage one's (``n x b`` twice), and the largest of what works
-    on it: stein's output of one call, a padded tile of the write, and a block's
-    temporaries with stage one's slab product (``3b + _SLAB`` rows)."""
+    on it: stein's output of one call with the columns staged before the chunk, a padded
+    tile of the write, and a block's temporaries with stage one's slab product
+    (``3b + _SLAB`` rows)."""
     fixed = 4 * (n // b + 2) * b * b + 2 * n * b
-    room = max(n * min(n, STEIN_COLUMNS) + n * _CHECKED, tile * tile)
+    room = max(n * (2 * min(n, STEIN_COLUMNS) + _CHECKED), tile * tile)
     free = memory_bound // itemsize - fixed
     return max(1, min((free - room) // (n + 3 * b), free // (n + 3 * b + 3 * b + _SLAB)))
 
@@ -206,18 +207,27 @@ def _parts(
     # one buffer for every chunk (fresh pages cost faults); its rows below n stay zero
     buffer = np.zeros((n + 3 * b, max(hi - lo for lo, hi in chunks)), d.dtype)
     for j, (lo, hi) in enumerate(chunks):
-        z = buffer[:, : hi - lo]
+        # stein's columns gathered column-major, then copied into the chunk a block at a
+        # time (a column at a time wrote one number per cache line of the chunk)
+        z, staged = buffer[:, : hi - lo], lo  # columns from `staged` are in `stage`
+        stage = np.empty((n, min(n, width, STEIN_COLUMNS)), d.dtype, order="F")
         for c0, c1 in zip(calls[:-1], calls[1:], strict=True):
-            if lo <= c0 < hi:
-                z[:n, c0 - lo : c1 - lo] = _tridiagonal_vectors(d, e, w[c0:c1])
-                head = z[:n, c0 - lo : min(c1, c0 + _CHECKED) - lo]
-                if tail.size and np.abs(tail.T @ head).max() > limit:
-                    raise ChunksNotOrthogonalError(
-                        f"eigenvectors {c0 - tail.shape[1]}..{c0 + head.shape[1]} of two calls "
-                        "of stein are not orthogonal",
-                        w,
-                    )
-                tail = z[:n, max(c0 - lo, c1 - lo - _CHECKED) : c1 - lo].copy()
+            if not lo <= c0 < hi:
+                continue
+            if c1 - staged > stage.shape[1]:
+                z[:n, staged - lo : c0 - lo], staged = stage[:, : c0 - staged], c0
+            vectors = _tridiagonal_vectors(d, e, w[c0:c1])
+            stage[:, c0 - staged : c1 - staged] = vectors
+            head = vectors[:, :_CHECKED]
+            if tail.size and np.abs(tail.T @ head).max() > limit:
+                raise ChunksNotOrthogonalError(
+                    f"eigenvectors {c0 - tail.shape[1]}..{c0 + head.shape[1]} of two calls "
+                    "of stein are not orthogonal",
+                    w,
+                )
+            tail = vectors[:, -_CHECKED:].copy()
+        z[:n, staged - lo :] = stage[:, : hi - staged]
+        del stage, vectors
         out = part(j, hi - lo)
         out.write_region(slice(None), slice(None), reflectors.apply(z, n))
         parts.append(out)
