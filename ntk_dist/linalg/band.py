@@ -74,11 +74,6 @@ def panel_reflector(panel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return v, compact_wy(v, tau[:k]), np.triu(h.T[:k])
 
 
-def _tile_span(i: int, tile: int, start: int, n: int) -> slice:
-    """Rows of tile ``i`` (within the matrix), offset by ``start``."""
-    return slice(i * tile - start, min(n, (i + 1) * tile) - start)
-
-
 Reflector = tuple[int, np.ndarray, np.ndarray]  # (first row c1, V, T): Q = I - V T V^T
 
 
@@ -134,7 +129,7 @@ def _pass(
                     left[r - u : r1 - u] @ right[c - u : c1 - u].T
                 )
                 work.write_tiles([(i, j)], [a])
-            if product is not None and max(r0, c0) < n and c1 > product[0]:
+            if product is not None and c1 > product[0]:  # V is zero before its first row
                 p, vt = product
                 r, c = max(r0, p), max(c0, p)
                 block = a[r - r0 : r1 - r0, c - c0 : c1 - c0]
@@ -172,8 +167,7 @@ def reduce_to_band(
         first = (update[0] if update is not None else c1) // tile
         product = None if reflector is None else (c1, reflector[0] @ reflector[1])
         w, cols = _pass(matrix, first, update, product, (c1, c2))
-        del update, product
-        update = None
+        update = product = None  # freed before the next panel's arrays are made
         if reflector is not None:  # rows from c1
             v, t = reflector
             w -= v @ (t.T @ (v.T @ w)) / 2
