@@ -59,11 +59,12 @@ class ChaseGroup:
     vt: np.ndarray  # (depths, 2b - 1, b)
 
     def apply(self, z: np.ndarray) -> None:
-        """``z <- Q_group z`` in place (``z`` has at least ``first + depths b + 2b`` rows)."""
+        """``z <- Q_group z`` in place (``z`` column-major, at least ``first + depths b + 2b``
+        rows): as ``z^T <- z^T Q_group^T``, whose products keep ``z``'s layout."""
         b = self.v.shape[2]
         for k in range(self.v.shape[0]):
-            rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b]
-            rows -= self.vt[k] @ (self.v[k].T @ rows)
+            rows = z[self.first + 1 + k * b : self.first + k * b + 2 * b].T
+            rows -= (rows @ self.v[k]) @ self.vt[k].T
 
 
 def _depths(n: int, b: int) -> int:
@@ -239,6 +240,6 @@ def tridiagonalize(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray, Iterator[Cha
 
 def apply_groups(z: np.ndarray, groups: Callable[[int], ChaseGroup], count: int) -> None:
     """``z <- Q z`` in place for the chase's ``Q``; ``groups(g)`` gives the ``g``-th group
-    (from disk, say), ``z`` is padded with ``3 b`` zero rows below."""
+    (from disk, say), ``z`` is column-major, padded with ``3 b`` zero rows below."""
     for g in reversed(range(count)):
         groups(g).apply(z)

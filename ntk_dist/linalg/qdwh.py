@@ -842,8 +842,8 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
 def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
     """Parts and eigenvalues of block ``name`` by :func:`~ntk_dist.linalg.two_stage.
     two_stage_eigh` on a copy of it; None (its exact spectrum saved for QDWH's split) if
-    the eigenvectors of separate stein calls were not orthogonal, as in a cluster wider
-    than a call."""
+    MRRR failed or the eigenvectors of separate chunks were not orthogonal, as in a cluster
+    wider than a chunk."""
     n = a.rows
     work = ctx.new(name + ".band", n, n)
     shutil.copyfile(a.path, work.path)
@@ -856,7 +856,7 @@ def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
             ctx.memory_bound,
             lambda j, cols: ctx.new(f"{name}.v{j}", n, cols),
         )
-    except two_stage.ChunksNotOrthogonalError as e:
+    except two_stage.TridiagonalVectorsError as e:
         _save_spectrum(ctx, name, e.eigenvalues)  # so _split takes QDWH's path from it
         return None
     finally:

@@ -1,0 +1,98 @@
+"""MRRR a slice at a time (ntk_dist.linalg.mrrr) against numpy's LAPACK on the dense matrix.
+
+Each tridiagonal matrix's eigenvectors are made in slices, written into buffers with
+sentinel rows and workspace columns, and put side by side: the residual, the
+orthogonality of all of them (across the slices' borders too) and the eigenvalues
+against numpy's eigvalsh.
+"""
+
+import numpy as np
+import pytest
+
+from ntk_dist.linalg import mrrr
+
+
+def dense(d, e):
+    return np.diag(d) + np.diag(e, 1) + np.diag(e, -1)
+
+
+def in_slices(d, e, bounds):
+    tri = mrrr.Tridiagonal(d, e)
+    n = len(d)
+    vectors, values = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        out = np.full((n + 3, hi - lo + 2), 7.0, d.dtype, order="F")
+        values.append(tri.vectors(lo, hi, out))
+        assert (out[n:] == 7.0).all()  # rows from n are left alone
+        vectors.append(out[:n, 1:-1])
+    return tri, np.hstack(vectors), np.concatenate(values)
+
+
+def check(d, e, bounds, tol, larre_tol=None):
+    tri, v, w = in_slices(d, e, bounds)
+    t = dense(d.astype(float), e.astype(float))
+    norm = max(np.abs(np.linalg.eigvalsh(t)).max(), np.finfo(float).tiny)
+    assert np.abs(t @ v - v * w).max() <= tol * norm
+    assert np.abs(v.T @ v - np.eye(len(d))).max() <= tol * len(d)
+    expected = np.linalg.eigvalsh(t)
+    np.testing.assert_allclose(np.sort(w), expected, rtol=0, atol=tol * norm)
+    larre_tol = tol if larre_tol is None else larre_tol
+    np.testing.assert_allclose(np.sort(tri.values), expected, rtol=0, atol=larre_tol * norm)
+    return tri
+
+
+def wilkinson(m):
+    """W_{2m+1}^+: pairs of eigenvalues that agree to many digits."""
+    return np.abs(np.arange(-m, m + 1)).astype(float), np.ones(2 * m)
+
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10])
+def test_tiny_matrices_one_column_a_slice(n):
+    d, e = RNG.standard_normal(n), RNG.standard_normal(n - 1)
+    check(d, e, list(range(n + 1)), 1e-14)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-200, 1e100])
+def test_slices_of_a_random_matrix_at_any_scale(scale):
+    # stemr's own scaling leaves larrv failing from norms ~1e30 (scipy's eigh_tridiagonal
+    # raises there): scaled to norm ~1 by a power of two here
+    d, e = RNG.standard_normal(300) * scale, RNG.standard_normal(299) * scale
+    check(d, e, [0, 37, 100, 101, 250, 300], 1e-13)
+
+
+def test_a_matrix_that_splits_into_blocks():
+    d, e = RNG.standard_normal(300), RNG.standard_normal(299)
+    e[[50, 120, 121]] = 0.0  # four blocks (one of one row): values block by block
+    tri = check(d, e, [0, 37, 80, 170, 300], 1e-13)
+    assert np.isinf(tri.relative_gaps).sum() == 3
+    assert (np.diff(tri.values)[np.isfinite(tri.relative_gaps)] >= 0).all()
+
+
+@pytest.mark.parametrize("d", [np.zeros(50), np.ones(50)])
+def test_a_diagonal_matrix(d):
+    check(d, np.zeros(49), [0, 7, 50], 0.0)
+
+
+def test_slices_cut_between_eigenvalues_that_agree_to_many_digits():
+    # W_201^+'s pairs cut apart (gaps down to 1e-14 relative): larrv sees the whole
+    # clusters around each cut and makes only the slice's vectors, the same as in one call
+    d, e = wilkinson(100)
+    check(d, e, list(range(0, 202, 30)) + [201], 1e-13)
+
+
+def test_float32():
+    d, e = RNG.standard_normal(300).astype(np.float32), RNG.standard_normal(299).astype(np.float32)
+    # larrv's values as stemr's (~4e-6 here); larre's, which only place the slices and
+    # seed larrv, to ~1e-5 of the norm (stemr refines them further when no vectors follow)
+    check(d, e, [0, 100, 300], 2e-6, larre_tol=3e-5)
+
+
+def test_out_must_be_column_major_with_two_workspace_columns():
+    tri = mrrr.Tridiagonal(np.ones(5), np.ones(4))
+    with pytest.raises(ValueError, match="column-major"):
+        tri.vectors(0, 5, np.zeros((5, 7)))  # row-major
+    with pytest.raises(ValueError, match="7 columns"):
+        tri.vectors(0, 5, np.zeros((5, 5), order="F"))  # no workspace columns
