@@ -26,8 +26,17 @@ def time_call(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def medians_in_turns(jobs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each job, the jobs run in turns so that load drifts hit all alike."""
+def medians_in_turns(
+    jobs: dict[str, Callable[[], object]], repeats: int, first: dict[str, float] | None = None
+) -> dict[str, float]:
+    """Median wall time of each job, the jobs run in turns so that load drifts hit all alike.
+
+    With ``first`` (a dict to fill), every job runs once before, timed into ``first`` and
+    left out of the medians: what a process pays once (compilation, first-touch pages)."""
+    for name, job in jobs.items() if first is not None else ():
+        start = time.perf_counter()
+        jax.block_until_ready(job())
+        first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():
