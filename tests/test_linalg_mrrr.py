@@ -90,6 +90,12 @@ def test_float32():
     check(d, e, [0, 100, 300], 2e-6, larre_tol=3e-5)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_is_refused(bad):
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mrrr.Tridiagonal(np.array([1.0, bad, 2.0]), np.ones(2))
+
+
 def test_out_must_be_column_major_with_two_workspace_columns():
     tri = mrrr.Tridiagonal(np.ones(5), np.ones(4))
     with pytest.raises(ValueError, match="column-major"):

@@ -91,6 +91,8 @@ class Tridiagonal:
         # scaled to norm ~1 by a power of two (exact): larrv fails on norms ~1e30 and up,
         # as stemr does with its own scaling
         norm = float(max(np.abs(self.d).max(initial=0), np.abs(self.e).max(initial=0)))
+        if not math.isfinite(norm):
+            raise ValueError("the tridiagonal matrix has NaN or Inf entries")
         self.scale = 2.0 ** -round(math.log2(norm)) if norm > 0 else 1.0
         self.d *= self.scale
         self.e *= self.scale
