@@ -13,7 +13,7 @@
 
 Memory: a panel of the band reduction, the band in strips (``5 N b`` numbers) and one
 chunk of columns with what works on it (one group of stage two's reflectors and one
-panel of stage one's, the reflectors' temporaries or a tile of its write:
+pair of stage one's panels, the reflectors' temporaries or a tile of its write:
 :func:`chunk_width`). Disk: a copy of the matrix, the reflectors (about one
 matrix) and the parts.
 """
