@@ -45,7 +45,10 @@ def _lapack(name: str, arguments: int) -> ctypes._CFuncPtr:
     """The Cython-exported LAPACK routine ``name``: every argument by pointer, as Fortran
     (a ctypes call releases the GIL)."""
     capsule = scipy.linalg.cython_lapack.__pyx_capi__[name]
-    address = _capsule_pointer(capsule, _capsule_name(capsule))
+    signature = _capsule_name(capsule)
+    if b"long" in signature or b"int64" in signature:  # the arrays here are 32-bit ints
+        raise RuntimeError(f"scipy's cython_lapack {name} takes 64-bit integers: {signature!r}")
+    address = _capsule_pointer(capsule, signature)
     return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * arguments)(address)
 
 
