@@ -33,10 +33,11 @@ def medians_in_turns(
 
     With ``first`` (a dict to fill), every job runs once before, timed into ``first`` and
     left out of the medians: what a process pays once (compilation, first-touch pages)."""
-    for name, job in jobs.items() if first is not None else ():
-        start = time.perf_counter()
-        jax.block_until_ready(job())
-        first[name] = time.perf_counter() - start
+    if first is not None:
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(job())
+            first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():

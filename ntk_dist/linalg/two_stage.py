@@ -143,6 +143,7 @@ class _Reflectors:
         for p in range(panels):
             for what in ("v", "other"):
                 os.remove(self._path("panel", p, what))
+        self.firsts["panel"] = []
 
     def keep_group(self, group: chase.ChaseGroup) -> None:
         self._keep("group", group.first, group.v, group.vt)
