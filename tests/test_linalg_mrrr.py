@@ -102,3 +102,40 @@ def test_out_must_be_column_major_with_two_workspace_columns():
         tri.vectors(0, 5, np.zeros((5, 7)))  # row-major
     with pytest.raises(ValueError, match="7 columns"):
         tri.vectors(0, 5, np.zeros((5, 5), order="F"))  # no workspace columns
+
+
+def test_an_even_spectrum_of_twelve_thousand_is_made_in_slices_alone():
+    # Clement's matrix: eigenvalues -(n - 1), -(n - 3), ..., n - 1, relative gaps down to
+    # ~1 / n. Slices ending at gaps of 8e-5 (> 2e-3 / sqrt(n)) are made alone (seeing the
+    # whole spectrum for each slice took minutes at n = 30000) and stay orthogonal across
+    # their border.
+    n = 12000
+    k = np.arange(1, n)
+    tri = mrrr.Tridiagonal(np.zeros(n), np.sqrt(k * (n - k)).astype(float))
+    # the narrow gaps lie at the end away from larre's root shift
+    cuts = [0, 200, 400] if tri.relative_gaps[0] < tri.relative_gaps[-1] else [n - 400, n - 200, n]
+    assert all(1e-5 <= tri._gap(c) <= 1e-4 for c in cuts if 0 < c < n)
+    vectors, values = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        assert tri.seen(lo, hi) == (lo, hi)
+        out = np.zeros((n, hi - lo + 2), order="F")
+        values.append(tri.vectors(lo, hi, out))
+        vectors.append(out[:, 1:-1])
+    v, w = np.hstack(vectors), np.concatenate(values)
+    expected = 2.0 * np.arange(cuts[0], cuts[-1]) - (n - 1)
+    np.testing.assert_allclose(w, expected, rtol=0, atol=1e-11 * n)
+    assert np.abs(v.T @ v - np.eye(400)).max() <= 1e-11
+    # the residual T v - v w, T applied from its three diagonals
+    e = np.sqrt(k * (n - k))
+    tv = np.zeros_like(v)
+    tv[:-1] += e[:, None] * v[1:]
+    tv[1:] += e[:, None] * v[:-1]
+    assert np.abs(tv - v * w).max() <= 1e-12 * n
+
+
+def test_a_slice_cut_inside_a_cluster_sees_the_whole_cluster():
+    d, e = wilkinson(100)
+    tri = mrrr.Tridiagonal(d, e)
+    lo = 1 + int(np.argmin(tri.relative_gaps[100:])) + 100  # a cut inside a close pair
+    first, last = tri.seen(lo, lo + 20)
+    assert first < lo and tri._gap(first) >= mrrr.MIN_RELATIVE_GAP

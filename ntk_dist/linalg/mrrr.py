@@ -25,8 +25,10 @@ import scipy.linalg.cython_lapack
 __all__ = ["MRRRError", "Tridiagonal"]
 
 MIN_RELATIVE_GAP = 1e-3  # stemr's MINRGP: a child cluster ends at a relative gap this wide
-SAFE_GAP = 1e-4  # slices that end at relative gaps this wide are made alone (measured:
-# vectors across a gap g then meet at ~1e-16 / g)
+SAFE_GAP = 2e-3  # over sqrt(n): slices that end at relative gaps this wide are made alone.
+# Measured, vectors across a gap g then meet at up to ~eps / 2g (9.5e-13 at n = 30000 and
+# g ~ 3.5e-5, as within a slice): a quarter of the 1e3 sqrt(n) eps the caller checks for.
+# An even spectrum of n values has gaps ~1 / n.
 
 
 class MRRRError(ArithmeticError):
@@ -138,24 +140,17 @@ class Tridiagonal:
         ``hi - lo + 1`` are larrv's workspace, its rows from ``n`` are left alone); returns
         their eigenvalues, refined by larrv.
 
-        If both ends of the slice lie at gaps of at least ``SAFE_GAP``, larrv sees only the
-        slice (as after stemr's larre for an index range): its vectors are orthogonal to
-        others across those gaps to ~1e-16 / gap. Otherwise it sees the whole of larrv's
-        first-level clusters that the slice cuts and makes only the slice's vectors (its
-        ``DOL..DOU``): the same vectors as if it made them all, at the cost of refining
-        those clusters' eigenvalues once more."""
+        larrv sees the eigenvalues :meth:`seen` gives: the slice alone (as after stemr's
+        larre for an index range), its vectors orthogonal to others across its ends' wide
+        gaps; or the whole first-level clusters it cuts, of which it makes only the slice's
+        vectors (its ``DOL..DOU``): the same vectors as if it made them all."""
         n, m = self.n, hi - lo
         if out.shape[1] != m + 2 or out.shape[0] < n or out.strides[0] != out.itemsize:
             raise ValueError(f"out must be column-major with {n}+ rows and {m + 2} columns")
         if n <= 1:
             out[:n, 1:-1] = 1
             return self.values[lo:hi].copy()
-        first, last = lo, hi  # the eigenvalues larrv sees
-        if not (self._gap(lo) >= SAFE_GAP and self._gap(hi) >= SAFE_GAP):
-            while self._gap(first) < MIN_RELATIVE_GAP:
-                first -= 1
-            while self._gap(last) < MIN_RELATIVE_GAP:
-                last += 1
+        first, last = self.seen(lo, hi)
         below, above = self.bounds
         if self.block[max(first - 1, 0)] == self.block[min(last, n - 1)]:  # all in one block
             if first > 0:  # the neighbours' uncertainty intervals bound the extreme gaps
@@ -181,6 +176,19 @@ class Tridiagonal:
         if info[0] != 0:
             raise MRRRError(f"LAPACK larrv: info {info[0]} for eigenvectors {lo}..{hi - 1}")
         return w[lo - first : hi - first] / self.scale
+
+    def seen(self, lo: int, hi: int) -> tuple[int, int]:
+        """The eigenvalues ``first .. last - 1`` that larrv sees to make vectors ``lo .. hi
+        - 1``: the slice alone if both its ends lie at gaps of at least ``SAFE_GAP /
+        sqrt(n)``, else the whole first-level clusters it cuts (for an even spectrum, all
+        of it: ``O(n^2)`` refinement for each slice, minutes at n = 30000)."""
+        first, last, safe = lo, hi, SAFE_GAP / math.sqrt(self.n)
+        if not (self._gap(lo) >= safe and self._gap(hi) >= safe):
+            while self._gap(first) < MIN_RELATIVE_GAP:
+                first -= 1
+            while self._gap(last) < MIN_RELATIVE_GAP:
+                last += 1
+        return first, last
 
     def _gap(self, j: int) -> float:
         """The relative gap before eigenvalue ``j`` (infinite at the ends)."""
