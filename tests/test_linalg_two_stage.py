@@ -7,15 +7,19 @@ eigh here: residual, orthogonality and eigenvalues against LAPACK.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
+from linalg_helpers import store_kernel
 from test_linalg_eigh_out_of_core import check, clustered
 
-from ntk_dist.linalg import chase, mrrr, two_stage
+from ntk_dist.linalg import StoredKernelOperator, chase, mrrr, two_stage
 from ntk_dist.linalg import tiled as tl
+from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.qdwh import divide_and_conquer_eigh
 from ntk_dist.linalg.tridiagonal import HOST_LEAF_COPIES
+from ntk_dist.store import KernelStore
 
 
 def band_matrix(n, b, seed=0):
@@ -67,6 +71,23 @@ def test_chunks_end_at_the_widest_gap_within_reach():
     assert two_stage.chunk_bounds(gaps, 40) == [0, 31, 62]
 
 
+class Chunks:
+    """A two-stage sink that keeps every chunk: each column written once, in order."""
+
+    def __init__(self, n):
+        self.v, self.chunks, self.values = np.full((n, n), np.nan), 0, None
+
+    def start(self, values):
+        assert self.values is None and self.chunks == 0
+        self.values = values.copy()
+
+    def write(self, first, vectors):
+        assert vectors.shape[0] == len(self.v) and vectors.strides[0] == vectors.itemsize
+        assert np.isnan(self.v[:, first:]).all() and not np.isnan(self.v[:, :first]).any()
+        self.v[:, first : first + vectors.shape[1]] = vectors
+        self.chunks += 1
+
+
 SPECTRA = {
     "spread": lambda n: np.linspace(1.0, 10.0, n),
     "power law": lambda n: 1.0 / np.arange(1, n + 1) + 1e-4,
@@ -87,14 +108,12 @@ def test_two_stage_eigh_matches_lapack_in_chunks(tmp_path, spectrum, n, tile, ba
     upper = [(i, j) for i in range(g) for j in range(i + 1, g)]
     work.write_tiles(upper, [np.full((tile, tile), np.nan)] * len(upper))  # never read
 
-    def part(j, cols):
-        return tl.Tiled(str(tmp_path / f"v{j}"), n, cols, tile, "float64").create()
-
-    parts, w = two_stage.two_stage_eigh(work, str(tmp_path / "r"), bandwidth, bound, part)
-    assert len(parts) >= 2 and not (tmp_path / "r").exists()
-    v = np.hstack([p.read_region(slice(None), slice(None)) for p in parts])
+    sink = Chunks(n)
+    w = two_stage.two_stage_eigh(work, str(tmp_path / "r"), bandwidth, bound, sink)
+    assert sink.chunks >= 2 and not (tmp_path / "r").exists()
+    np.testing.assert_allclose(sink.values, w, rtol=0, atol=1e-8 * np.abs(w).max())
     order = np.argsort(w)
-    check(a, w[order], v[:, order])
+    check(a, w[order], sink.v[:, order])
 
 
 def test_a_cluster_wider_than_a_chunk_stays_orthogonal(tmp_path):
@@ -106,14 +125,11 @@ def test_a_cluster_wider_than_a_chunk_stays_orthogonal(tmp_path):
     work = tl.Tiled(str(tmp_path / "a"), n, n, tile, "float64").create()
     work.write_region(slice(None), slice(None), a)
 
-    def part(j, cols):
-        return tl.Tiled(str(tmp_path / f"v{j}"), n, cols, tile, "float64").create()
-
-    parts, w = two_stage.two_stage_eigh(work, str(tmp_path / "r"), 8, 40 * n * 8 * 3, part)
-    assert len(parts) >= 3 and not (tmp_path / "r").exists()
-    v = np.hstack([p.read_region(slice(None), slice(None)) for p in parts])
+    sink = Chunks(n)
+    w = two_stage.two_stage_eigh(work, str(tmp_path / "r"), 8, 40 * n * 8 * 3, sink)
+    assert sink.chunks >= 3 and not (tmp_path / "r").exists()
     order = np.argsort(w)
-    check(a, w[order], v[:, order])
+    check(a, w[order], sink.v[:, order])
 
 
 def split_methods(scratch):
@@ -184,3 +200,28 @@ def test_a_tight_cluster_goes_two_stage_unless_mrrr_fails(tmp_path, monkeypatch,
     else:
         assert methods == ["two-stage"]
     check(a, w, v)
+
+
+def test_a_gapless_store_gets_its_eigenvectors_written_straight_as_columns(tmp_path):
+    # the whole matrix two-stage: its chunks go straight into the stored eigenvectors (a
+    # ledger entry for each column range; no parts, no assembly), which count as complete
+    # only while the ranges cover every column
+    n = 400
+    a = clustered(n, SPECTRA["spread"](n), seed=2)
+    store = store_kernel(tmp_path / "k", a, block=64)
+    bound = int(HOST_LEAF_COPIES * 300 * 300 * 8)  # out of core; chunks of ~100 columns
+    op = StoredKernelOperator(store, memory_bound=bound)
+    eig = op.eigh()
+    check(a, np.asarray(eig.values), eig.vectors_dense())
+    vectors = FactorStore.open(store, op.factor_name("eigenvectors"))
+    ranges = sorted(tuple(map(int, k.split("_")[1:])) for k in vectors.done())
+    assert len(ranges) >= 2 and all(k.startswith("cols_") for k in vectors.done())
+    assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]] and ranges[-1][1] == n
+    again = StoredKernelOperator(KernelStore.open(tmp_path / "k"), memory_bound=bound)
+    again.eigh()
+    assert again.reused == {"eigh": 1} and again.factorizations == {}
+    lo, hi = ranges[1]  # as if killed before that range was recorded
+    os.remove(os.path.join(vectors.path, "ntk_dist_tiles", f"cols_{lo}_{hi}.json"))
+    third = StoredKernelOperator(KernelStore.open(tmp_path / "k"), memory_bound=bound)
+    check(a, np.asarray(third.eigh().values), third.eigh().vectors_dense())
+    assert third.factorizations == {"eigh": 1}

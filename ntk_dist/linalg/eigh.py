@@ -93,6 +93,9 @@ def out_of_core_eigh(
             f"rows_{rows.start // tile}", (rows, slice(None)), panel
         ),
         values_out=lambda values: values_store.write("values", (slice(None),), values),
+        write_columns=lambda cols, block: vectors_store.write(
+            f"cols_{cols.start}_{cols.stop}", (slice(None), cols), block
+        ),
         scratch_dir=scratch_dir,
         runner=runner,
     )
@@ -145,11 +148,17 @@ def write_eigh(
 
 
 def is_complete(values_store: FactorStore, vectors_store: FactorStore) -> bool:
-    """Whether the eigenvalues and every block row of the eigenvectors are finished."""
+    """Whether the eigenvalues and the eigenvectors are finished: every block row, or
+    column ranges (as the two-stage path writes them) that cover every column."""
     n, tile = vectors_store.array.shape[0], vectors_store.array.chunk_layout.read_chunk.shape[0]
     done = vectors_store.done()
     finished_rows = all(f"rows_{i}" in done for i in range(math.ceil(n / tile)))
-    return "values" in values_store.done() and finished_rows
+    covered = 0
+    for lo, hi in sorted(tuple(map(int, k.split("_")[1:])) for k in done if k.startswith("cols_")):
+        if lo > covered:
+            break
+        covered = max(covered, hi)
+    return "values" in values_store.done() and (finished_rows or covered >= n)
 
 
 class StoredEigendecomposition(Eigendecomposition):

@@ -9,6 +9,7 @@ is. Deleting or overwriting the kernel store deletes its factorisations with it.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -83,15 +84,18 @@ class FactorStore:
     def write(self, key: str, index: tuple[slice, ...], data: np.ndarray) -> None:
         """Write ``data`` at ``index``, then record ``key`` as finished in the ledger.
 
-        A region wider than one chunk goes a chunk column at a time, so that the copies
-        on the way (contiguous data, encoded chunks) stay a chunk column in size.
+        A chunk at a time (the region cut at the chunk grid), so that the copies on the
+        way (contiguous data, encoded chunks) stay a chunk in size whatever the region's
+        shape or memory order.
         """
-        step = self.array.chunk_layout.write_chunk.shape[-1]
-        start = index[-1].indices(self.array.shape[-1])[0]
-        for c in range(0, data.shape[-1], step):
-            piece = np.ascontiguousarray(data[..., c : c + step], self.array.dtype.numpy_dtype)
-            where = (*index[:-1], slice(start + c, start + c + piece.shape[-1]))
-            self.array[where].write(piece).result()
+        grid = self.array.chunk_layout.write_chunk.shape
+        starts = [i.indices(size)[0] for i, size in zip(index, self.array.shape, strict=True)]
+        spans = [_spans(*a) for a in zip(starts, data.shape, grid, strict=True)]
+        for piece in itertools.product(*spans):
+            block = np.ascontiguousarray(data[piece], self.array.dtype.numpy_dtype)
+            at = zip(starts, piece, strict=True)
+            where = tuple(slice(s + p.start, s + p.stop) for s, p in at)
+            self.array[where].write(block).result()
         self._ledger.write(key + ".json", json.dumps({"key": key}).encode()).result()
 
     def done(self) -> set[str]:
@@ -101,3 +105,10 @@ class FactorStore:
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
         """The data at ``index`` (the caller makes sure it is finished)."""
         return self.array[index].read().result()
+
+
+def _spans(start: int, length: int, step: int) -> list[slice]:
+    """``[0, length)`` cut where ``start + i`` meets a multiple of ``step``."""
+    cuts = range(step - start % step, length, step)
+    edges = [0, *cuts, length]
+    return [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)]

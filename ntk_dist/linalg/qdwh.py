@@ -140,6 +140,8 @@ class _Context:
     device: jax.Device | None  # in-core leaves on this JAX device, else host LAPACK
     progress: Callable[[str], None] | None
     two_stage: bool = False  # gapless blocks by two-stage tridiagonalisation (host, local)
+    # the whole matrix's two-stage chunks straight into the stored eigenvectors (columns)
+    write_columns: Callable[[slice, np.ndarray], None] | None = None
     scale: float = 1.0
     temps: int = 0
     recorded: list[str] = field(default_factory=list)
@@ -848,23 +850,47 @@ def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
     work = ctx.new(name + ".band", n, n)
     shutil.copyfile(a.path, work.path)
     width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
+    sink = _TwoStageSink(ctx, name, n)
     try:
-        parts, w = two_stage.two_stage_eigh(
-            work,
-            os.path.join(ctx.folder, name + ".two-stage"),
-            width,
-            ctx.memory_bound,
-            lambda j, cols: ctx.new(f"{name}.v{j}", n, cols),
+        w = two_stage.two_stage_eigh(
+            work, os.path.join(ctx.folder, name + ".two-stage"), width, ctx.memory_bound, sink
         )
     except two_stage.TridiagonalVectorsError as e:
         _save_spectrum(ctx, name, e.eigenvalues)  # so _split takes QDWH's path from it
+        ctx.release(*sink.parts)
         return None
     finally:
         ctx.release(work)
     np.save(os.path.join(ctx.folder, name + ".tw.npy"), w)
-    names = [p.path.removeprefix(ctx.folder + os.sep) for p in parts]
-    info = {"parts": names, "sizes": [p.cols for p in parts], "values": name + ".w.npy"}
+    names = [p.path.removeprefix(ctx.folder + os.sep) for p in sink.parts]
+    info = {"parts": names, "sizes": [p.cols for p in sink.parts], "values": name + ".w.npy"}
+    if sink.direct:
+        info["written"] = True  # the eigenvectors are in place: no parts to assemble
     return {**info, "_values": [name + ".tw.npy"], "_used": [name + ".tw.npy"]}
+
+
+class _TwoStageSink:
+    """Where a two-stage block's chunks go: straight into the stored eigenvectors if the
+    block is the whole matrix and its eigenvalues ascend (unless the tridiagonal matrix
+    splits, they do: the chunks are then columns of the result, no assembly needed), else
+    into part files."""
+
+    def __init__(self, ctx: _Context, name: str, n: int):
+        self.ctx, self.name, self.n = ctx, name, n
+        self.parts: list[tl.Tiled] = []
+        self.direct = False
+
+    def start(self, values: np.ndarray) -> None:
+        ascending = bool(np.all(np.diff(values) >= 0))
+        self.direct = self.name == "r" and self.ctx.write_columns is not None and ascending
+
+    def write(self, first: int, vectors: np.ndarray) -> None:
+        if self.direct:
+            self.ctx.write_columns(slice(first, first + vectors.shape[1]), vectors)
+            return
+        part = self.ctx.new(f"{self.name}.v{len(self.parts)}", self.n, vectors.shape[1])
+        part.write_region(slice(None), slice(None), vectors)
+        self.parts.append(part)
 
 
 def _reflect_part(ctx: _Context, name: str, last: bool, part: str, out: tl.Tiled) -> None:
@@ -945,6 +971,7 @@ def divide_and_conquer_eigh(
     devices: Sequence[jax.Device] | None = None,
     write_rows: Callable[[slice, np.ndarray], None] | None = None,
     values_out: Callable[[np.ndarray], None] | None = None,
+    write_columns: Callable[[slice, np.ndarray], None] | None = None,
     tol: float | None = None,
     scratch_dir: str | None = None,
     runner: tl.TileRunner | None = None,
@@ -955,7 +982,9 @@ def divide_and_conquer_eigh(
     """Eigendecomposition of the symmetric ``n x n`` matrix given by ``read(rows, cols)``.
 
     Eigenvalues ascend. Eigenvectors go block row by block row (``tile`` rows) to
-    ``write_rows(rows, panel)`` if given, else they are returned as an array.
+    ``write_rows(rows, panel)`` if given, else they are returned as an array; with
+    ``write_rows``, a matrix decomposed whole by two-stage tridiagonalisation sends its
+    eigenvectors to ``write_columns(columns, block)`` instead (all rows), if given.
 
     ``scratch_dir``: the folder for the tiles and the ledger (default a temporary
     folder); it needs at most :func:`scratch_bytes` of disk (12 N^2 x itemsize: 384 MiB
@@ -983,16 +1012,36 @@ def divide_and_conquer_eigh(
     two_stage_here = two_stage_blocks and not on_device and isinstance(runner, tl.LocalRunner)
     device = devices[0] if on_device else None
     ctx = _Context(folder, tile, dtype, memory_bound, tol, runner, device, progress, two_stage_here)
+    ctx.write_columns = write_columns if write_rows is not None else None
     a, sums = _input(ctx, read, n)
     ctx.scale = max(math.sqrt(sums["sumsq"]), float(np.finfo(dtype).tiny))
     info = _block(ctx, "r", n, sums, 0)
     w = np.load(os.path.join(folder, info["values"]))
+    out = None
+    if not info.get("written"):  # (if written, the columns ascend already)
+        w, out = _assemble_vectors(ctx, info, w, a.grid[0], write_rows)
+    if values_out is not None:
+        values_out(w)
+    shutil.rmtree(folder)
+    return w, out
+
+
+def _assemble_vectors(
+    ctx: _Context,
+    info: dict,
+    w: np.ndarray,
+    tile_rows: int,
+    write_rows: Callable[[slice, np.ndarray], None] | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The root block's parts put together, eigenvalues ascending, block row by block row
+    to ``write_rows`` (else into the returned array); the eigenvalues in that order."""
+    n, tile, dtype = len(w), ctx.tile, ctx.dtype
     order = np.argsort(w, kind="stable")
     # column c of the parts goes to column position[c] of V (eigenvalues ascending)
     position = np.empty(n, int)
     position[order] = np.arange(n)
     out = None if write_rows is not None else np.empty((n, n), dtype)
-    for i in range(a.grid[0]):
+    for i in range(tile_rows):
         rows = slice(i * tile, min(n, (i + 1) * tile))
         panel = np.empty((rows.stop - rows.start, n), dtype)
         col = 0
@@ -1011,7 +1060,4 @@ def divide_and_conquer_eigh(
             out[rows] = panel
         else:
             write_rows(rows, panel)
-    if values_out is not None:
-        values_out(w[order])
-    shutil.rmtree(folder)
     return w[order], out

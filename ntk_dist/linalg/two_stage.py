@@ -9,13 +9,12 @@
    ending at a wide relative gap; the vectors either side of each chunk's end are checked
    for orthogonality (MRRR makes a chunk's own vectors orthogonal, clusters included).
 4. Each chunk ``Z`` becomes ``Q1 Q2 Z`` (stage two's blocks, ``~4 N^2`` flops a column,
-   then stage one's, ``2 N^2``) and is written as one part of the eigenvectors.
+   then stage one's, ``2 N^2``) and goes to the caller's :class:`VectorSink`.
 
 Memory: a panel of the band reduction, the band in strips (``5 N b`` numbers) and one
 chunk of columns with what works on it (one group of stage two's reflectors and one
 pair of stage one's panels, the reflectors' temporaries or a tile of its write:
-:func:`chunk_width`). Disk: a copy of the matrix, the reflectors (about one
-matrix) and the parts.
+:func:`chunk_width`). Disk: the reflectors (about one matrix).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg
@@ -34,6 +33,7 @@ from ntk_dist.linalg.band import reduce_to_band
 
 __all__ = [
     "TridiagonalVectorsError",
+    "VectorSink",
     "chunk_bounds",
     "chunk_width",
     "two_stage_eigh",
@@ -52,6 +52,16 @@ class TridiagonalVectorsError(ArithmeticError):
     def __init__(self, message: str, eigenvalues: np.ndarray):
         super().__init__(message)
         self.eigenvalues = eigenvalues
+
+
+class VectorSink(Protocol):
+    """Where :func:`two_stage_eigh` puts the eigenvectors, a chunk of columns at a time."""
+
+    def start(self, values: np.ndarray) -> None:
+        """The eigenvalues in the columns' order (larre's: refined later), before any chunk."""
+
+    def write(self, first: int, vectors: np.ndarray) -> None:
+        """Columns ``first .. first + m - 1`` (``vectors``: ``n x m``, column-major)."""
 
 
 def chunk_bounds(relative_gaps: np.ndarray, width: int) -> list[int]:
@@ -73,11 +83,11 @@ def two_stage_eigh(
     folder: str,
     bandwidth: int,
     memory_bound: int,
-    part: Callable[[int, int], tl.Tiled],
-) -> tuple[list[tl.Tiled], np.ndarray]:
+    sink: VectorSink,
+) -> np.ndarray:
     """Eigenvectors of the symmetric tiled matrix ``work`` (reduced in place: pass a
-    copy) as parts ``part(j, columns)`` (``n x columns`` each), and the eigenvalues in
-    the parts' column order. ``folder`` (created, then removed) holds the reflectors.
+    copy), chunk by chunk to ``sink``, and the eigenvalues in the same column order.
+    ``folder`` (created, then removed) holds the reflectors.
 
     Raises :class:`TridiagonalVectorsError` if MRRR fails or two chunks' vectors are not
     orthogonal (the caller then decomposes the matrix another way).
@@ -96,7 +106,8 @@ def two_stage_eigh(
         except mrrr.MRRRError as error:
             w = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False)
             raise TridiagonalVectorsError(str(error), w) from error
-        return _parts(tri, reflectors, bandwidth, memory_bound, work.tile, part)
+        sink.start(tri.values)
+        return _chunks(tri, reflectors, bandwidth, memory_bound, work.tile, sink)
     finally:
         shutil.rmtree(folder)
 
@@ -175,14 +186,14 @@ def chunk_width(n: int, b: int, tile: int, itemsize: int, memory_bound: int) -> 
     return max(1, min((free - tile * tile) // (n + 3 * b), free // (n + 3 * b + 3 * b + _SLAB)))
 
 
-def _parts(
+def _chunks(
     tri: mrrr.Tridiagonal,
     reflectors: _Reflectors,
     b: int,
     memory_bound: int,
     tile: int,
-    part: Callable[[int, int], tl.Tiled],
-) -> tuple[list[tl.Tiled], np.ndarray]:
+    sink: VectorSink,
+) -> np.ndarray:
     """Eigenvectors a chunk of columns at a time, each chunk's checked against the last's;
     the eigenvalues in the same order."""
     n = tri.n
@@ -193,8 +204,8 @@ def _parts(
     # column-major, for MRRR to write into; one buffer for every chunk (fresh pages cost
     # faults); its rows below n stay zero
     buffer = np.zeros((n + 3 * b, widest + 2), tri.dtype, order="F")  # + MRRR's workspace
-    parts, values, tail = [], [], None
-    for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    values, tail = [], None
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         z = buffer[:, 1 : hi - lo + 1]
         try:
             values.append(tri.vectors(lo, hi, buffer[:, : hi - lo + 2]))
@@ -208,7 +219,5 @@ def _parts(
                 np.sort(tri.values),
             )
         tail = z[:n, -_CHECKED:].copy()
-        out = part(j, hi - lo)
-        out.write_region(slice(None), slice(None), reflectors.apply(z, n))
-        parts.append(out)
-    return parts, np.concatenate(values)
+        sink.write(lo, reflectors.apply(z, n))
+    return np.concatenate(values)
