@@ -51,6 +51,8 @@ def test_band_eigenvalues_match_lapack_and_read_only_the_lower_tiles(
     np.testing.assert_allclose(w, np.linalg.eigvalsh(a), rtol=0, atol=1e-13 * n * norm)
     assert not (tmp_path / "work").exists()
     assert np.isnan(matrix.read_tiles(upper)).all() if upper else True  # the input is kept
+    lower = np.tril_indices(n)  # read, never written: the reduction happens in work
+    np.testing.assert_array_equal(matrix.read_region(slice(None), slice(None))[lower], a[lower])
 
 
 @pytest.mark.parametrize("spectrum", ["power law", "spread"])

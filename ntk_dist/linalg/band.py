@@ -19,7 +19,6 @@ bound: no second split from a misjudged count, no steps from a guessed bound.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 
 import numpy as np
@@ -101,14 +100,15 @@ def _band_of_panel(
 
 def _pass(
     work: tl.Tiled,
+    source: tl.Tiled,
     first: int,
     update: tuple[int, np.ndarray, np.ndarray] | None,
     product: tuple[int, np.ndarray] | None,
     columns: tuple[int, int],
 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """One pass over the lower tiles of ``work`` from tile row and column ``first``: apply
+    """One pass over the lower tiles of ``source`` from tile row and column ``first``: apply
     ``update`` (``(u, L, R)``: ``A -= L R^T`` on rows and columns from ``u``) and write each
-    tile back; with the updated tile, accumulate ``W = A (V T)`` for ``product``
+    tile to ``work``; with the updated tile, accumulate ``W = A (V T)`` for ``product``
     (``(p, V T)``, rows from ``p``) and copy out rows ``[e0, n)`` of ``columns = [e0, e1)``
     (entries in upper tiles stay zero: only the lower triangle of the diagonal block is
     used). Products touch only the part of a tile at or after the rows they act on."""
@@ -121,7 +121,7 @@ def _pass(
         r0, r1 = i * tile, min(n, (i + 1) * tile)
         for j in range(first, i + 1):
             c0, c1 = j * tile, min(n, (j + 1) * tile)
-            a = work.read_tiles([(i, j)], buffer)[0]
+            a = source.read_tiles([(i, j)], buffer)[0]
             if update is not None:
                 u, left, right = update
                 r, c = max(r0, u), max(c0, u)
@@ -143,11 +143,15 @@ def _pass(
 
 
 def reduce_to_band(
-    matrix: tl.Tiled, bandwidth: int, keep: Callable[[Reflector], None] | None = None
+    matrix: tl.Tiled,
+    bandwidth: int,
+    keep: Callable[[Reflector], None] | None = None,
+    work: tl.Tiled | None = None,
 ) -> np.ndarray:
-    """The band form ``Q^T A Q`` of the symmetric tiled ``matrix`` (reduced in place; only
-    its lower and diagonal tiles are read) in LAPACK's lower band storage
-    (``(bandwidth + 1) x N``). ``keep`` receives each panel's reflector, in order:
+    """The band form ``Q^T A Q`` of the symmetric tiled ``matrix`` (only its lower and
+    diagonal tiles are read) in LAPACK's lower band storage (``(bandwidth + 1) x N``),
+    reduced in ``work`` (a file of the same shape, overwritten: no copy of ``matrix``
+    first) or in place. ``keep`` receives each panel's reflector, in order:
     ``Q = Q_0 Q_1 ...``.
 
     Each pass over the tiles applies one panel's update and, with the same tiles, forms
@@ -156,6 +160,7 @@ def reduce_to_band(
     reflector is known before the pass. One read and one write of each trailing tile a
     panel (not two reads, a write and a read of the panel's tile column)."""
     n, tile = matrix.rows, matrix.tile
+    work, source = work or matrix, matrix  # tiles are read from matrix until written to work
     ab = np.zeros((bandwidth + 1, n), matrix.dtype)
     c0, c1 = 0, min(n, bandwidth)  # equal widths: each R lies in the next panel
     cols = matrix.read_region(slice(0, n), slice(0, c1))
@@ -166,7 +171,8 @@ def reduce_to_band(
         c2 = min(n, c1 + bandwidth)
         first = (update[0] if update is not None else c1) // tile
         product = None if reflector is None else (c1, reflector[0] @ reflector[1])
-        w, cols = _pass(matrix, first, update, product, (c1, c2))
+        w, cols = _pass(work, source, first, update, product, (c1, c2))
+        source = work if update is not None else source
         update = product = None  # freed before the next panel's arrays are made
         if reflector is not None:  # rows from c1
             v, t = reflector
@@ -184,12 +190,10 @@ def band_eigenvalues(
     matrix: tl.Tiled, work: tl.Tiled | None = None, bandwidth: int = BANDWIDTH
 ) -> np.ndarray:
     """Eigenvalues (ascending) of the symmetric tiled ``matrix`` (only its lower and
-    diagonal tiles are read), reduced to band form in place, or in ``work`` (a file copy,
-    deleted at the end) if given."""
-    if work is not None:
-        shutil.copyfile(matrix.path, work.path)
+    diagonal tiles are read), reduced to band form in place, or in ``work`` (created,
+    then deleted) if given."""
     try:
-        ab = reduce_to_band(work or matrix, bandwidth)
+        ab = reduce_to_band(matrix, bandwidth, work=None if work is None else work.create())
     finally:
         if work is not None:
             work.release()

@@ -843,18 +843,16 @@ def _assemble(ctx: _Context, name: str, a: tl.Tiled, sums: tl.Reductions, depth:
 
 def _two_stage_block(ctx: _Context, name: str, a: tl.Tiled) -> dict | None:
     """Parts and eigenvalues of block ``name`` by :func:`~ntk_dist.linalg.two_stage.
-    two_stage_eigh` on a copy of it; None (its exact spectrum saved for QDWH's split) if
+    two_stage_eigh` (reduced in a work file); None (its exact spectrum saved for QDWH's split) if
     MRRR failed or the eigenvectors of separate chunks were not orthogonal, as in a cluster
     wider than a chunk."""
     n = a.rows
     work = ctx.new(name + ".band", n, n)
-    shutil.copyfile(a.path, work.path)
     width = bandwidth_for(n, ctx.tile, ctx.dtype.itemsize, ctx.memory_bound)
     sink = _TwoStageSink(ctx, name, n)
+    folder = os.path.join(ctx.folder, name + ".two-stage")
     try:
-        w = two_stage.two_stage_eigh(
-            work, os.path.join(ctx.folder, name + ".two-stage"), width, ctx.memory_bound, sink
-        )
+        w = two_stage.two_stage_eigh(a, folder, width, ctx.memory_bound, sink, work)
     except two_stage.TridiagonalVectorsError as e:
         _save_spectrum(ctx, name, e.eigenvalues)  # so _split takes QDWH's path from it
         ctx.release(*sink.parts)

@@ -79,15 +79,17 @@ def chunk_bounds(relative_gaps: np.ndarray, width: int) -> list[int]:
 
 
 def two_stage_eigh(
-    work: tl.Tiled,
+    matrix: tl.Tiled,
     folder: str,
     bandwidth: int,
     memory_bound: int,
     sink: VectorSink,
+    work: tl.Tiled | None = None,
 ) -> np.ndarray:
-    """Eigenvectors of the symmetric tiled matrix ``work`` (reduced in place: pass a
-    copy), chunk by chunk to ``sink``, and the eigenvalues in the same column order.
-    ``folder`` (created, then removed) holds the reflectors.
+    """Eigenvectors of the symmetric tiled ``matrix``, chunk by chunk to ``sink``, and
+    the eigenvalues in the same column order. ``matrix`` is reduced in ``work`` (a file of
+    its shape, overwritten) if given, else in place; ``folder`` (created, then removed)
+    holds the reflectors.
 
     Raises :class:`TridiagonalVectorsError` if MRRR fails or two chunks' vectors are not
     orthogonal (the caller then decomposes the matrix another way).
@@ -96,7 +98,7 @@ def two_stage_eigh(
     os.makedirs(folder)
     try:
         reflectors = _Reflectors(folder)
-        ab = reduce_to_band(work, bandwidth, reflectors.keep_panel)
+        ab = reduce_to_band(matrix, bandwidth, reflectors.keep_panel, work)
         d, e, groups = chase.tridiagonalize(ab)
         for group in groups:
             reflectors.keep_group(group)
@@ -107,7 +109,7 @@ def two_stage_eigh(
             w = scipy.linalg.eigvalsh_tridiagonal(d, e, check_finite=False)
             raise TridiagonalVectorsError(str(error), w) from error
         sink.start(tri.values)
-        return _chunks(tri, reflectors, bandwidth, memory_bound, work.tile, sink)
+        return _chunks(tri, reflectors, bandwidth, memory_bound, matrix.tile, sink)
     finally:
         shutil.rmtree(folder)
 
