@@ -71,8 +71,22 @@ def test_chunks_end_at_the_widest_gap_within_reach():
     assert two_stage.chunk_bounds(gaps, 40) == [0, 31, 62]
 
 
+def test_chunks_end_on_multiples_of_the_alignment_where_the_gap_is_safe():
+    gaps = relative_gaps(np.linspace(1, 2, 1000))  # all ~1e-3
+    assert two_stage.chunk_bounds(gaps, 420, 128, 1e-4) == [0, 384, 768, 1000]
+    assert two_stage.chunk_bounds(gaps, 400, 400, 1e-4) == [0, 400, 800, 1000]
+    # unsafe everywhere but at 300: the widest gap, as without alignment
+    narrow = np.full(999, 1e-6)
+    narrow[299] = 1e-5
+    assert two_stage.chunk_bounds(narrow, 420, 128, 1e-4)[:2] == [0, 300]
+    narrow[255] = 1e-4  # boundary 256, safe
+    assert two_stage.chunk_bounds(narrow, 420, 128, 1e-4)[:2] == [0, 256]
+
+
 class Chunks:
     """A two-stage sink that keeps every chunk: each column written once, in order."""
+
+    alignment = 1
 
     def __init__(self, n):
         self.v, self.chunks, self.values = np.full((n, n), np.nan), 0, None
@@ -204,12 +218,12 @@ def test_a_tight_cluster_goes_two_stage_unless_mrrr_fails(tmp_path, monkeypatch,
 
 def test_a_gapless_store_gets_its_eigenvectors_written_straight_as_columns(tmp_path):
     # the whole matrix two-stage: its chunks go straight into the stored eigenvectors (a
-    # ledger entry for each column range; no parts, no assembly), which count as complete
-    # only while the ranges cover every column
+    # ledger entry for each column range; no parts, no assembly), ending on the edges of
+    # the store's chunks; they count as complete only while the ranges cover every column
     n = 400
     a = clustered(n, SPECTRA["spread"](n), seed=2)
     store = store_kernel(tmp_path / "k", a, block=64)
-    bound = int(HOST_LEAF_COPIES * 300 * 300 * 8)  # out of core; chunks of ~100 columns
+    bound = 1_900_000  # out of core (1.5 n^2 x 8 bytes do not fit), chunks of 65 columns
     op = StoredKernelOperator(store, memory_bound=bound)
     eig = op.eigh()
     check(a, np.asarray(eig.values), eig.vectors_dense())
@@ -217,6 +231,8 @@ def test_a_gapless_store_gets_its_eigenvectors_written_straight_as_columns(tmp_p
     ranges = sorted(tuple(map(int, k.split("_")[1:])) for k in vectors.done())
     assert len(ranges) >= 2 and all(k.startswith("cols_") for k in vectors.done())
     assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]] and ranges[-1][1] == n
+    width = vectors.array.chunk_layout.write_chunk.shape[1]  # whole chunks: the gaps allow
+    assert width < n and all(hi % width == 0 for _, hi in ranges[:-1])
     again = StoredKernelOperator(KernelStore.open(tmp_path / "k"), memory_bound=bound)
     again.eigh()
     assert again.reused == {"eigh": 1} and again.factorizations == {}

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_dist.linalg import qdwh, tridiagonal
+from ntk_dist.linalg import qdwh, tridiagonal, two_stage
 from ntk_dist.linalg.band import band_eigenvalues, bandwidth_for
 from ntk_dist.linalg.factor_store import FactorStore
 from ntk_dist.linalg.operator import Eigendecomposition
@@ -41,6 +41,7 @@ from ntk_dist.store import KernelStore
 __all__ = [
     "IN_CORE_COPIES",
     "StoredEigendecomposition",
+    "column_chunk",
     "default_scratch_dir",
     "fits_in_core",
     "fits_on_host",
@@ -61,6 +62,16 @@ def fits_in_core(n: int, itemsize: int, memory_bound: int) -> bool:
 def fits_on_host(n: int, itemsize: int, memory_bound: int) -> bool:
     """Whether :func:`~ntk_dist.linalg.tridiagonal.host_eigh` of an ``n x n`` matrix fits it."""
     return tridiagonal.HOST_LEAF_COPIES * n * n * itemsize <= memory_bound
+
+
+def column_chunk(n: int, itemsize: int, memory_bound: int, tile: int) -> int:
+    """Width of the stored eigenvectors' chunks (at most a tile, at least 64 columns where
+    the tile allows): the width of the two-stage path's chunks of columns, so that they
+    end on the chunks' edges and each chunk is written once, whole (a chunk written in
+    two parts is read and written again: 2.4x the time)."""
+    b = bandwidth_for(n, tile, itemsize, memory_bound)
+    width = two_stage.chunk_width(n, b, tile, itemsize, memory_bound)
+    return min(tile, max(width, 64))
 
 
 def out_of_core_eigh(
@@ -96,6 +107,7 @@ def out_of_core_eigh(
         write_columns=lambda cols, block: vectors_store.write(
             f"cols_{cols.start}_{cols.stop}", (slice(None), cols), block
         ),
+        column_chunk=vectors_store.array.chunk_layout.write_chunk.shape[1],
         scratch_dir=scratch_dir,
         runner=runner,
     )

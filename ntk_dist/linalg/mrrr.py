@@ -177,13 +177,18 @@ class Tridiagonal:
             raise MRRRError(f"LAPACK larrv: info {info[0]} for eigenvectors {lo}..{hi - 1}")
         return w[lo - first : hi - first] / self.scale
 
+    @property
+    def safe_gap(self) -> float:
+        """Slices that end at relative gaps this wide are made alone: ``SAFE_GAP / sqrt(n)``."""
+        return SAFE_GAP / math.sqrt(self.n)
+
     def seen(self, lo: int, hi: int) -> tuple[int, int]:
         """The eigenvalues ``first .. last - 1`` that larrv sees to make vectors ``lo .. hi
-        - 1``: the slice alone if both its ends lie at gaps of at least ``SAFE_GAP /
-        sqrt(n)``, else the whole first-level clusters it cuts (for an even spectrum, all
-        of it: ``O(n^2)`` refinement for each slice, minutes at n = 30000)."""
-        first, last, safe = lo, hi, SAFE_GAP / math.sqrt(self.n)
-        if not (self._gap(lo) >= safe and self._gap(hi) >= safe):
+        - 1``: the slice alone if both its ends lie at gaps of at least :attr:`safe_gap`,
+        else the whole first-level clusters it cuts (for an even spectrum, all of it:
+        ``O(n^2)`` refinement for each slice, minutes at n = 30000)."""
+        first, last = lo, hi
+        if not (self._gap(lo) >= self.safe_gap and self._gap(hi) >= self.safe_gap):
             while self._gap(first) < MIN_RELATIVE_GAP:
                 first -= 1
             while self._gap(last) < MIN_RELATIVE_GAP:

@@ -140,8 +140,10 @@ class _Context:
     device: jax.Device | None  # in-core leaves on this JAX device, else host LAPACK
     progress: Callable[[str], None] | None
     two_stage: bool = False  # gapless blocks by two-stage tridiagonalisation (host, local)
-    # the whole matrix's two-stage chunks straight into the stored eigenvectors (columns)
+    # the whole matrix's two-stage chunks straight into the stored eigenvectors (columns),
+    # whose chunks are this many columns wide
     write_columns: Callable[[slice, np.ndarray], None] | None = None
+    column_chunk: int = 1
     scale: float = 1.0
     temps: int = 0
     recorded: list[str] = field(default_factory=list)
@@ -876,11 +878,12 @@ class _TwoStageSink:
     def __init__(self, ctx: _Context, name: str, n: int):
         self.ctx, self.name, self.n = ctx, name, n
         self.parts: list[tl.Tiled] = []
-        self.direct = False
+        self.direct, self.alignment = False, 1
 
     def start(self, values: np.ndarray) -> None:
         ascending = bool(np.all(np.diff(values) >= 0))
         self.direct = self.name == "r" and self.ctx.write_columns is not None and ascending
+        self.alignment = self.ctx.column_chunk if self.direct else 1
 
     def write(self, first: int, vectors: np.ndarray) -> None:
         if self.direct:
@@ -970,6 +973,7 @@ def divide_and_conquer_eigh(
     write_rows: Callable[[slice, np.ndarray], None] | None = None,
     values_out: Callable[[np.ndarray], None] | None = None,
     write_columns: Callable[[slice, np.ndarray], None] | None = None,
+    column_chunk: int = 1,
     tol: float | None = None,
     scratch_dir: str | None = None,
     runner: tl.TileRunner | None = None,
@@ -982,7 +986,8 @@ def divide_and_conquer_eigh(
     Eigenvalues ascend. Eigenvectors go block row by block row (``tile`` rows) to
     ``write_rows(rows, panel)`` if given, else they are returned as an array; with
     ``write_rows``, a matrix decomposed whole by two-stage tridiagonalisation sends its
-    eigenvectors to ``write_columns(columns, block)`` instead (all rows), if given.
+    eigenvectors to ``write_columns(columns, block)`` instead (all rows), if given, in
+    blocks that end at multiples of ``column_chunk`` where the spectrum allows it.
 
     ``scratch_dir``: the folder for the tiles and the ledger (default a temporary
     folder); it needs at most :func:`scratch_bytes` of disk (12 N^2 x itemsize: 384 MiB
@@ -1011,6 +1016,7 @@ def divide_and_conquer_eigh(
     device = devices[0] if on_device else None
     ctx = _Context(folder, tile, dtype, memory_bound, tol, runner, device, progress, two_stage_here)
     ctx.write_columns = write_columns if write_rows is not None else None
+    ctx.column_chunk = column_chunk
     a, sums = _input(ctx, read, n)
     ctx.scale = max(math.sqrt(sums["sumsq"]), float(np.finfo(dtype).tiny))
     info = _block(ctx, "r", n, sums, 0)

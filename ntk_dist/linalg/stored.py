@@ -275,9 +275,8 @@ class StoredKernelOperator(KernelOperator):
         attrs = {"kind": "eigh", "tile": tile}
         if values is None or vectors is None or vectors.attributes.get("tile") != tile:
             values = FactorStore.create(self.store, names[0], (n,), (n,), self.dtype, attrs)
-            vectors = FactorStore.create(
-                self.store, names[1], (n, n), (tile, tile), self.dtype, attrs
-            )
+            chunk = (tile, eig.column_chunk(n, self.dtype.itemsize, self.memory_bound, tile))
+            vectors = FactorStore.create(self.store, names[1], (n, n), chunk, self.dtype, attrs)
         devices = self.devices or jax.local_devices()
         on_host = chol.choose_tile_backend(self.tile_backend, devices) == "host"
         in_core = None

@@ -55,7 +55,11 @@ class TridiagonalVectorsError(ArithmeticError):
 
 
 class VectorSink(Protocol):
-    """Where :func:`two_stage_eigh` puts the eigenvectors, a chunk of columns at a time."""
+    """Where :func:`two_stage_eigh` puts the eigenvectors, a chunk of columns at a time;
+    chunks end at multiples of ``alignment`` (read after :meth:`start`) where the gaps
+    allow it."""
+
+    alignment: int
 
     def start(self, values: np.ndarray) -> None:
         """The eigenvalues in the columns' order (larre's: refined later), before any chunk."""
@@ -64,16 +68,21 @@ class VectorSink(Protocol):
         """Columns ``first .. first + m - 1`` (``vectors``: ``n x m``, column-major)."""
 
 
-def chunk_bounds(relative_gaps: np.ndarray, width: int) -> list[int]:
+def chunk_bounds(
+    relative_gaps: np.ndarray, width: int, align: int = 1, safe: float = math.inf
+) -> list[int]:
     """Chunk boundaries ``0 = j_0 < j_1 < ... = n`` of ``n`` eigenvalues separated by
-    ``relative_gaps`` (``n - 1``), at most ``width`` apart: each ends at the widest gap in
-    the last half of its reach (the farthest gap within half of the widest), so that the
-    vectors of separate chunks stay orthogonal."""
+    ``relative_gaps`` (``n - 1``), at most ``width`` apart, each in the last half of its
+    reach: the farthest multiple of ``align`` there with a gap of at least ``safe`` before
+    it (chunks that fill whole chunks of the output), else at the widest gap (the farthest
+    within half of the widest), so that the vectors of separate chunks stay orthogonal."""
     n, bounds = len(relative_gaps) + 1, [0]
     while n - bounds[-1] > width:
         lo = bounds[-1] + max(1, width // 2)
         gaps = relative_gaps[lo - 1 : bounds[-1] + width]  # gap before boundary lo + i
-        wide = np.flatnonzero(gaps >= gaps.max() / 2)
+        wide = np.flatnonzero(((lo + np.arange(len(gaps))) % align == 0) & (gaps >= safe))
+        if not len(wide):
+            wide = np.flatnonzero(gaps >= gaps.max() / 2)
         bounds.append(lo + int(wide[-1]))
     return bounds + [n]
 
@@ -216,7 +225,7 @@ def _chunks(
     the eigenvalues in the same order."""
     n = tri.n
     width = chunk_width(n, b, tile, tri.dtype.itemsize, memory_bound)
-    bounds = chunk_bounds(tri.relative_gaps, width)
+    bounds = chunk_bounds(tri.relative_gaps, width, sink.alignment, tri.safe_gap)
     limit = 1e3 * math.sqrt(n) * float(np.finfo(tri.dtype).eps)
     widest = max(hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
     # column-major, for MRRR to write into; one buffer for every chunk (fresh pages cost
